@@ -1,0 +1,1 @@
+//! virtio-mmio transport (virtio 1.x, 4.2).

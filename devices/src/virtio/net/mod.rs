@@ -1,0 +1,1 @@
+//! virtio-net backed by a TAP device.

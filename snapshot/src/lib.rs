@@ -1,0 +1,26 @@
+//! Snapshot support that knows nothing about KVM: the [`Persist`] trait every
+//! component implements, the versioned and checksummed state-file format, and
+//! guest-memory files.
+
+/// Save and restore of one component's state.
+///
+/// Building a component for boot and restoring it from a snapshot take the same
+/// path: `restore` receives the same constructor arguments a fresh build would,
+/// plus the saved state. There is deliberately no default method, so no
+/// component can skip its state silently.
+pub trait Persist: Sized {
+    /// The serializable state of the component.
+    type State: serde::Serialize + serde::de::DeserializeOwned;
+    /// What the component needs from its environment to be rebuilt
+    /// (guest memory, event fds, host files, ...).
+    type ConstructorArgs;
+    /// Why a restore can fail.
+    type Error;
+
+    /// Captures the component's state. The component must be quiescent
+    /// (vCPUs paused, queues not being processed).
+    fn save(&self) -> Self::State;
+
+    /// Rebuilds the component from `state`.
+    fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self, Self::Error>;
+}

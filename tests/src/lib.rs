@@ -1,0 +1,1 @@
+//! Test support: building and driving guests.
