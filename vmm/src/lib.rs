@@ -1,1 +1,22 @@
-//! stub
+//! `vmm`: a snapshot-first microVM monitor on KVM.
+//!
+//! [`builder::build_for_boot`] turns a [`config::VmConfig`] into a
+//! [`microvm::Microvm`], whose [`microvm::Microvm::run`] runs the guest until
+//! it ends and returns a [`stop::StopReason`].
+
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod console;
+pub mod device_manager;
+pub mod memory;
+pub mod microvm;
+pub mod profile;
+pub mod stop;
+pub mod vcpu;
+pub mod vm;
+
+pub use builder::{build_for_boot, BuildError};
+pub use config::VmConfig;
+pub use microvm::Microvm;
+pub use stop::StopReason;

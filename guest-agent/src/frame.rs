@@ -1,0 +1,213 @@
+//! Length-prefixed framing: a 4-byte big-endian body length, then the body.
+//!
+//! The length is checked against [`MAX_FRAME_SIZE`] before any body byte is
+//! read, and the body buffer grows only as bytes actually arrive, so a peer
+//! that lies about the length cannot make us allocate more than it sends.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Largest frame body either side accepts or sends (32 MiB).
+pub const MAX_FRAME_SIZE: usize = 32 * 1024 * 1024;
+
+/// Size of the length prefix.
+const HEADER_LEN: usize = 4;
+
+/// Framing errors. `Io` covers the transport; the others are protocol faults.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The transport failed (includes read/write timeouts).
+    #[error("frame I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The announced (or outgoing) body length exceeds [`MAX_FRAME_SIZE`].
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge {
+        /// Length announced by the header or of the outgoing body.
+        len: u64,
+        /// The limit, [`MAX_FRAME_SIZE`].
+        max: usize,
+    },
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame: got {got} of {expected} bytes")]
+    Truncated {
+        /// Bytes received of the header or body.
+        got: usize,
+        /// Bytes that were announced (4 for a header).
+        expected: usize,
+    },
+    /// The body is not valid JSON for the expected message type.
+    #[error("malformed frame body: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Reads as many bytes as possible into `buf`; returns how many (less than
+/// `buf.len()` only at end of stream).
+fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads one frame body. Returns `Ok(None)` on a clean end of stream at a
+/// frame boundary.
+pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let got = read_full(r, &mut header)?;
+    if got == 0 {
+        return Ok(None);
+    }
+    if got < HEADER_LEN {
+        return Err(FrameError::Truncated {
+            got,
+            expected: HEADER_LEN,
+        });
+    }
+    let len = u32::from_be_bytes(header);
+    let len_usize = usize::try_from(len).map_err(|_| FrameError::TooLarge {
+        len: u64::from(len),
+        max: MAX_FRAME_SIZE,
+    })?;
+    if len_usize > MAX_FRAME_SIZE {
+        return Err(FrameError::TooLarge {
+            len: u64::from(len),
+            max: MAX_FRAME_SIZE,
+        });
+    }
+    let mut body = Vec::with_capacity(len_usize.min(64 * 1024));
+    let got = r.take(u64::from(len)).read_to_end(&mut body)?;
+    if got < len_usize {
+        return Err(FrameError::Truncated {
+            got,
+            expected: len_usize,
+        });
+    }
+    Ok(Some(body))
+}
+
+/// Writes one frame (header and body in a single write) and flushes.
+pub fn write_frame<W: Write + ?Sized>(w: &mut W, body: &[u8]) -> Result<(), FrameError> {
+    if body.len() > MAX_FRAME_SIZE {
+        return Err(FrameError::TooLarge {
+            len: body.len() as u64,
+            max: MAX_FRAME_SIZE,
+        });
+    }
+    // Cannot fail: MAX_FRAME_SIZE fits in u32.
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
+        len: body.len() as u64,
+        max: MAX_FRAME_SIZE,
+    })?;
+    let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(body);
+    w.write_all(&buf)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Serializes `msg` as JSON and writes it as one frame.
+pub fn send_message<W: Write + ?Sized, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    write_frame(w, &body)
+}
+
+/// Reads one frame and parses it as `T`. `Ok(None)` on clean end of stream.
+pub fn recv_message<R: Read + ?Sized, T: DeserializeOwned>(
+    r: &mut R,
+) -> Result<Option<T>, FrameError> {
+    match read_frame(r)? {
+        None => Ok(None),
+        Some(body) => Ok(Some(serde_json::from_slice(&body)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn round_trip_several_frames() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, b"hello").unwrap();
+        write_frame(&mut buf, b"").unwrap();
+        write_frame(&mut buf, &[7u8; 70_000]).unwrap();
+        assert_eq!(&buf[..4], &[0, 0, 0, 5]);
+        let mut r = Cursor::new(buf);
+        assert_eq!(read_frame(&mut r).unwrap().unwrap(), b"hello");
+        assert_eq!(read_frame(&mut r).unwrap().unwrap(), b"");
+        assert_eq!(read_frame(&mut r).unwrap().unwrap(), vec![7u8; 70_000]);
+        assert!(read_frame(&mut r).unwrap().is_none());
+    }
+
+    #[test]
+    fn oversize_header_rejected_before_reading_body() {
+        let len = (MAX_FRAME_SIZE as u32) + 1;
+        let mut r = Cursor::new(len.to_be_bytes().to_vec());
+        match read_frame(&mut r) {
+            Err(FrameError::TooLarge { len: l, max }) => {
+                assert_eq!(l, u64::from(len));
+                assert_eq!(max, MAX_FRAME_SIZE);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn max_size_frame_accepted_and_oversize_write_refused() {
+        let body = vec![1u8; MAX_FRAME_SIZE];
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &body).unwrap();
+        let got = read_frame(&mut Cursor::new(buf)).unwrap().unwrap();
+        assert_eq!(got.len(), MAX_FRAME_SIZE);
+        let too_big = vec![0u8; MAX_FRAME_SIZE + 1];
+        assert!(matches!(
+            write_frame(&mut Vec::new(), &too_big),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_header_and_body_rejected() {
+        let mut r = Cursor::new(vec![0u8, 0]);
+        assert!(matches!(
+            read_frame(&mut r),
+            Err(FrameError::Truncated {
+                got: 2,
+                expected: 4
+            })
+        ));
+        let mut data = 10u32.to_be_bytes().to_vec();
+        data.extend_from_slice(b"abc");
+        assert!(matches!(
+            read_frame(&mut Cursor::new(data)),
+            Err(FrameError::Truncated {
+                got: 3,
+                expected: 10
+            })
+        ));
+    }
+
+    #[test]
+    fn typed_messages_round_trip_and_bad_json_is_an_error() {
+        let mut buf = Vec::new();
+        send_message(&mut buf, &vec![1u32, 2, 3]).unwrap();
+        write_frame(&mut buf, b"{not json").unwrap();
+        let mut r = Cursor::new(buf);
+        let v: Vec<u32> = recv_message(&mut r).unwrap().unwrap();
+        assert_eq!(v, vec![1, 2, 3]);
+        assert!(matches!(
+            recv_message::<_, Vec<u32>>(&mut r),
+            Err(FrameError::Json(_))
+        ));
+    }
+}

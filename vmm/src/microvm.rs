@@ -1,0 +1,365 @@
+//! A built VM and its lifecycle: start the vCPUs, run the event loop until
+//! the guest or the user ends it, pause and resume.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::legacy::Serial;
+use devices::GuestMemoryMmap;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::BuildError;
+use crate::config::VmConfig;
+use crate::console::Console;
+use crate::device_manager::DeviceManager;
+use crate::stop::{StopReason, VmStop};
+use crate::vcpu::{Vcpu, VcpuError, VcpuHandle, VcpuRequest, VcpuResponse};
+use crate::vm::Vm;
+
+/// After the console shows a kernel panic, how long to wait for the guest's
+/// own reboot (`panic=N`) before stopping the VM anyway.
+const PANIC_GRACE: Duration = Duration::from_secs(10);
+/// Event loop tick: flushes partial console lines, checks the panic grace.
+const TICK_MS: i32 = 100;
+
+/// Shared subscriber type of the event loop.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Where the VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum VmState {
+    NotStarted,
+    Running,
+    Paused,
+}
+
+/// Why a lifecycle operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("the VM is {0:?}; this needs it {1}")]
+    State(VmState, &'static str),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("vCPU {index} answered {answer:?} to {what}")]
+    Unexpected {
+        index: u8,
+        what: &'static str,
+        answer: VcpuResponse,
+    },
+}
+
+/// A VM ready to run or running.
+pub struct Microvm {
+    config: VmConfig,
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    devices: DeviceManager,
+    console: Console,
+    stop: Arc<VmStop>,
+    unstarted: Vec<Vcpu>,
+    vcpus: Vec<VcpuHandle>,
+    events: EventManager<Subscriber>,
+    state: VmState,
+}
+
+impl Microvm {
+    pub(crate) fn new(
+        config: VmConfig,
+        vm: Vm,
+        mem: GuestMemoryMmap,
+        devices: DeviceManager,
+        console: Console,
+        stop: Arc<VmStop>,
+        vcpus: Vec<Vcpu>,
+    ) -> Result<Self, BuildError> {
+        let mut events =
+            EventManager::<Subscriber>::new().map_err(|e| BuildError::EventLoop(e.to_string()))?;
+        let watcher = StopWatcher::new(stop.clone(), &devices.reset_evt)?;
+        events.add_subscriber(Arc::new(Mutex::new(watcher)));
+        events.add_subscriber(Arc::new(Mutex::new(SerialInput {
+            serial: devices.serial.clone(),
+        })));
+        Ok(Self {
+            config,
+            vm,
+            mem,
+            devices,
+            console,
+            stop,
+            unstarted: vcpus,
+            vcpus: Vec::new(),
+            events,
+            state: VmState::NotStarted,
+        })
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The devices.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Current lifecycle state.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// Adds a subscriber (a device, the API server) to the event loop.
+    pub fn add_subscriber(&mut self, s: Subscriber) {
+        self.events.add_subscriber(s);
+    }
+
+    /// Starts the vCPU threads.
+    pub fn start(&mut self) -> Result<(), LifecycleError> {
+        if self.state != VmState::NotStarted {
+            return Err(LifecycleError::State(self.state, "not started"));
+        }
+        for vcpu in self.unstarted.drain(..) {
+            self.vcpus.push(vcpu.start(false)?);
+        }
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Asks every vCPU to pause and waits until all have; returns how long
+    /// that took.
+    pub fn pause(&mut self) -> Result<Duration, LifecycleError> {
+        if self.state != VmState::Running {
+            return Err(LifecycleError::State(self.state, "running"));
+        }
+        let t = Instant::now();
+        self.broadcast(|| VcpuRequest::Pause, "pause", VcpuResponse::Paused)?;
+        self.state = VmState::Paused;
+        Ok(t.elapsed())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&mut self) -> Result<(), LifecycleError> {
+        if self.state != VmState::Paused {
+            return Err(LifecycleError::State(self.state, "paused"));
+        }
+        self.broadcast(|| VcpuRequest::Resume, "resume", VcpuResponse::Resumed)?;
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Sends a request to all vCPUs at once, then collects the answers, so
+    /// the vCPUs stop together rather than one after another.
+    fn broadcast(
+        &self,
+        req: impl Fn() -> VcpuRequest,
+        what: &'static str,
+        expected: VcpuResponse,
+    ) -> Result<(), LifecycleError> {
+        for v in &self.vcpus {
+            v.send(req())?;
+        }
+        for v in &self.vcpus {
+            match v.receive(what, crate::vcpu::RESPONSE_TIMEOUT)? {
+                r if r == expected => {}
+                answer => {
+                    return Err(LifecycleError::Unexpected {
+                        index: v.index(),
+                        what,
+                        answer,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one round of the event loop (at most one tick long); returns the
+    /// stop reason once the VM must end.
+    pub fn run_once(&mut self) -> Option<StopReason> {
+        if let Err(e) = self.events.run_with_timeout(TICK_MS) {
+            self.stop
+                .report(StopReason::VmmError(format!("event loop: {e}")));
+        }
+        if let Err(e) = self.console.sync() {
+            log::warn!("console output: {e}");
+        }
+        let panic = self.console.panic();
+        if let Some((line, since)) = &panic {
+            if since.elapsed() >= PANIC_GRACE {
+                self.stop.report(StopReason::GuestPanic(line.clone()));
+            }
+        }
+        let reason = self.stop.reason()?;
+        // A panicking kernel reboots (panic=N): report the panic, not the
+        // reboot.
+        Some(match (reason, panic) {
+            (StopReason::GuestReset, Some((line, _))) => StopReason::GuestPanic(line),
+            (reason, _) => reason,
+        })
+    }
+
+    /// Starts the VM if needed and runs it until it stops; then stops every
+    /// vCPU and returns why the VM ended.
+    pub fn run(mut self) -> StopReason {
+        if self.state == VmState::NotStarted {
+            if let Err(e) = self.start() {
+                return StopReason::VmmError(e.to_string());
+            }
+        }
+        let reason = loop {
+            if let Some(reason) = self.run_once() {
+                break reason;
+            }
+        };
+        self.shutdown();
+        reason
+    }
+
+    /// Stops all vCPU threads and flushes the console.
+    pub fn shutdown(&mut self) {
+        for v in self.vcpus.drain(..) {
+            v.exit();
+        }
+        if let Ok(mut serial) = self.devices.serial.lock() {
+            let _ = serial.flush();
+        }
+        let _ = self.console.sync();
+    }
+
+    /// Records a stop requested from outside (signal, API).
+    pub fn request_stop(&self) {
+        self.stop.report(StopReason::Requested);
+    }
+}
+
+/// Turns the i8042 reset line and termination signals into stop reasons.
+struct StopWatcher {
+    stop: Arc<VmStop>,
+    reset_evt: EventFd,
+    term_evt: EventFd,
+}
+
+/// The eventfd SIGTERM/SIGINT write to (raw fd, for the signal handler).
+static TERM_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = TERM_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) on an eventfd is async-signal-safe; the buffer is
+        // a valid 8-byte value.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+impl StopWatcher {
+    fn new(stop: Arc<VmStop>, reset_evt: &EventFd) -> Result<Self, BuildError> {
+        let err = |e: std::io::Error| BuildError::EventLoop(e.to_string());
+        let term_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(err)?;
+        let raw = term_evt.try_clone().map_err(err)?;
+        // The clone's fd stays open for the life of the process so the
+        // handler never writes to a reused descriptor.
+        let fd = raw.as_raw_fd();
+        std::mem::forget(raw);
+        TERM_FD.store(fd, Ordering::SeqCst);
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+                .map_err(|e| BuildError::EventLoop(format!("signal handler: {e}")))?;
+        }
+        Ok(Self {
+            stop,
+            reset_evt: reset_evt.try_clone().map_err(err)?,
+            term_evt,
+        })
+    }
+}
+
+const EV_STOP: u32 = 0;
+const EV_RESET: u32 = 1;
+const EV_TERM: u32 = 2;
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            EV_STOP => {
+                let _ = self.stop.eventfd().read();
+            }
+            EV_RESET => {
+                let _ = self.reset_evt.read();
+                self.stop.report(StopReason::GuestReset);
+            }
+            EV_TERM => {
+                let _ = self.term_evt.read();
+                self.stop.report(StopReason::Requested);
+            }
+            other => log::warn!("stop watcher: unexpected event {other}"),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let add = [
+            Events::with_data(self.stop.eventfd(), EV_STOP, EventSet::IN),
+            Events::with_data(&self.reset_evt, EV_RESET, EventSet::IN),
+            Events::with_data(&self.term_evt, EV_TERM, EventSet::IN),
+        ];
+        for e in add {
+            if let Err(err) = ops.add(e) {
+                self.stop.report(StopReason::VmmError(format!(
+                    "event loop registration: {err}"
+                )));
+            }
+        }
+    }
+}
+
+/// Feeds the VMM's standard input to the guest's serial console.
+struct SerialInput {
+    serial: Arc<Mutex<Serial>>,
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        let stdin = std::io::stdin();
+        let n = if events.event_set().contains(EventSet::IN) {
+            stdin.lock().read(&mut buf).unwrap_or(0)
+        } else {
+            0
+        };
+        if n == 0 {
+            // EOF or hang-up: stop watching stdin.
+            let _ = ops.remove(Events::new(&stdin, EventSet::IN));
+            return;
+        }
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = serial.enqueue_input(&buf[..n]) {
+            log::warn!("serial input: {e}");
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // Only an interactive terminal is forwarded; a pipe or /dev/null
+        // (tests, services) is left alone.
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(libc::STDIN_FILENO) } == 1 {
+            if let Err(e) = ops.add(Events::new(&std::io::stdin(), EventSet::IN)) {
+                log::warn!("cannot watch stdin: {e}");
+            }
+        }
+    }
+}

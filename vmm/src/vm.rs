@@ -1,0 +1,118 @@
+//! The KVM VM: memory slots, the in-kernel interrupt controllers and PIT,
+//! and interrupt/notification plumbing (irqfd, ioeventfd).
+
+use devices::GuestMemoryMmap;
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::layout::KVM_TSS_ADDRESS;
+
+/// A KVM failure, with the operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM lacks a capability the VMM needs: {0}")]
+    MissingCap(&'static str),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Opens /dev/kvm and checks the capabilities the VMM relies on.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let required = [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ];
+    for (cap, name) in required {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+/// A VM with its in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
+pub struct Vm {
+    fd: VmFd,
+    dirty_tracking: bool,
+}
+
+impl Vm {
+    /// Creates the VM and its in-kernel devices.
+    pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(Self {
+            fd,
+            dirty_tracking: false,
+        })
+    }
+
+    /// Registers every guest memory region as a KVM memory slot (slot i =
+    /// region i), with dirty logging when `track_dirty` is set.
+    pub fn register_memory(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        track_dirty: bool,
+    ) -> Result<(), VmError> {
+        for (slot, region) in mem.iter().enumerate() {
+            let userspace_addr = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| VmError::MissingCap("host address of a guest memory region"))?
+                as u64;
+            let desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: if track_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr,
+            };
+            // SAFETY: the region's mapping is owned by `mem`, which the VMM
+            // keeps alive for as long as the VM exists, and it covers exactly
+            // `memory_size` bytes from `userspace_addr`.
+            unsafe { self.fd.set_user_memory_region(desc) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        self.dirty_tracking = track_dirty;
+        Ok(())
+    }
+
+    /// Whether KVM logs dirty pages for this VM's memory.
+    pub fn dirty_tracking(&self) -> bool {
+        self.dirty_tracking
+    }
+
+    /// The KVM VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+}
