@@ -1,6 +1,19 @@
 //! Snapshot support that knows nothing about KVM: the [`Persist`] trait every
-//! component implements, the versioned and checksummed state-file format, and
-//! guest-memory files.
+//! component implements, the versioned and checksummed state-file format
+//! ([`format`]), crash-safe file replacement ([`atomic`]) and guest-memory
+//! files, full, diff and sparse ([`memory`]).
+
+pub mod atomic;
+pub mod format;
+pub mod memory;
+pub mod uffd;
+
+pub use atomic::{write_atomic, AtomicWriteError};
+pub use format::{decode, encode, load_state, save_state, FormatError, StateFileError};
+pub use memory::{
+    merge_diff, read_into, write_diff, write_full, write_full_with, DirtyBitmap, DirtyBitmapError,
+    MemoryError, MemoryLayout, MemoryWriteStats, RegionLayout, ScanMode, PAGE_SIZE,
+};
 
 /// Save and restore of one component's state.
 ///
