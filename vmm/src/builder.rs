@@ -12,7 +12,7 @@ use crate::config::{ConfigError, SerialOutput, VmConfig};
 use crate::console::Console;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::memory::{self, MemoryError};
-use crate::microvm::Microvm;
+use crate::microvm::{Microvm, MicrovmParts};
 use crate::profile::DEFAULT_CMDLINE;
 use crate::stop::VmStop;
 use crate::vcpu::{Vcpu, VcpuError};
@@ -44,9 +44,11 @@ pub enum BuildError {
     },
     #[error("event loop: {0}")]
     EventLoop(String),
+    #[error("restoring vCPU state: {0}")]
+    VcpuState(#[from] crate::arch::vcpu_state::StateError),
 }
 
-fn console_for(config: &VmConfig) -> Result<Console, BuildError> {
+pub(crate) fn console_for(config: &VmConfig) -> Result<Console, BuildError> {
     let out: Box<dyn Write + Send> = match &config.serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Off => Box::new(std::io::sink()),
@@ -96,7 +98,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Microvm, BuildError> {
     vm.register_memory(&mem, config.track_dirty_pages)?;
 
     let console = console_for(config)?;
-    let devices = DeviceManager::new(&vm, console.clone())?;
+    let devices = DeviceManager::new(&vm, console.clone(), None)?;
 
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
     let initrd = config
@@ -111,35 +113,57 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Microvm, BuildError> {
     regs::write_boot_tables(&mem)?;
 
     let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
-    let vcpus = create_vcpus(&kvm, &vm, &devices, &stop, config.vcpus, kernel.entry)?;
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let vcpus = create_vcpus(&vm, &devices, &stop, config.vcpus, |index, fd| {
+        let mut cpuid = supported.clone();
+        cpuid::normalize(&mut cpuid, index, config.vcpus);
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        regs::setup_common_vcpu(fd)?;
+        if index == 0 {
+            regs::setup_boot_vcpu(fd, kernel.entry)?;
+        }
+        Ok(())
+    })?;
     log::info!("kernel command line: {cmdline}");
-    Microvm::new(config.clone(), vm, mem, devices, console, stop, vcpus)
+    Microvm::new(MicrovmParts {
+        config: config.clone(),
+        vm,
+        mem,
+        devices,
+        console,
+        stop,
+        vcpus,
+        msr_indices: Arc::new(msr_indices(&kvm)?),
+    })
 }
 
-fn create_vcpus(
-    kvm: &Kvm,
+/// The MSRs saved with each vCPU: every MSR KVM can save and restore.
+pub(crate) fn msr_indices(kvm: &Kvm) -> Result<Vec<u32>, BuildError> {
+    Ok(kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+        .as_slice()
+        .to_vec())
+}
+
+/// Creates `count` vCPUs, configured by `setup` (boot registers, or a
+/// snapshot's state), each dispatching to the device buses.
+pub(crate) fn create_vcpus(
     vm: &Vm,
     devices: &DeviceManager,
     stop: &Arc<VmStop>,
     count: u8,
-    entry: u64,
+    mut setup: impl FnMut(u8, &kvm_ioctls::VcpuFd) -> Result<(), BuildError>,
 ) -> Result<Vec<Vcpu>, BuildError> {
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     (0..count)
         .map(|index| {
             let fd = vm
                 .fd()
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpuid::normalize(&mut cpuid, index, count);
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            regs::setup_common_vcpu(&fd)?;
-            if index == 0 {
-                regs::setup_boot_vcpu(&fd, entry)?;
-            }
+            setup(index, &fd)?;
             Ok(Vcpu::new(
                 index,
                 fd,

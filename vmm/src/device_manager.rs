@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
 use devices::interrupt::IrqFd;
-use devices::legacy::{Serial, COM1_BASE, COM1_IRQ, COM1_LEN, I8042};
+use devices::legacy::{Serial, SerialState, COM1_BASE, COM1_IRQ, COM1_LEN, I8042};
+use snapshot::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::Console;
@@ -27,6 +28,17 @@ pub enum DeviceError {
     },
     #[error(transparent)]
     Kvm(#[from] VmError),
+    #[error("restoring {device}: {reason}")]
+    Restore {
+        device: &'static str,
+        reason: String,
+    },
+}
+
+/// Saved state of all devices.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    pub serial: SerialState,
 }
 
 /// The legacy devices every VM has.
@@ -46,16 +58,28 @@ fn eventfd(device: &'static str) -> Result<EventFd, DeviceError> {
 
 impl DeviceManager {
     /// Creates COM1 (console) and the i8042, with the serial interrupt
-    /// delivered through an irqfd.
-    pub fn new(vm: &Vm, console: Console) -> Result<Self, DeviceError> {
+    /// delivered through an irqfd; the UART starts from `serial_state` when
+    /// restoring a snapshot.
+    pub fn new(
+        vm: &Vm,
+        console: Console,
+        serial_state: Option<&SerialState>,
+    ) -> Result<Self, DeviceError> {
         let irq = eventfd("serial interrupt")?;
         vm.fd()
             .register_irqfd(&irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            Box::new(IrqFd::new(irq)),
-            Box::new(console),
-        )));
+        let line = Box::new(IrqFd::new(irq));
+        let serial = match serial_state {
+            None => Serial::new(line, Box::new(console)),
+            Some(state) => Serial::restore((line, Box::new(console)), state).map_err(|e| {
+                DeviceError::Restore {
+                    device: "serial",
+                    reason: e.to_string(),
+                }
+            })?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
 
         let reset_evt = eventfd("i8042 reset")?;
         let i8042 = I8042::new(
@@ -85,6 +109,13 @@ impl DeviceManager {
             reset_evt,
             cmdline: Vec::new(),
         })
+    }
+
+    /// Saves the state of every device; the VM must be paused.
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
+        }
     }
 
     /// Kernel command-line arguments for the devices.

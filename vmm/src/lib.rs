@@ -12,6 +12,7 @@ pub mod device_manager;
 pub mod memory;
 pub mod microvm;
 pub mod profile;
+pub mod snapshot;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

@@ -53,48 +53,55 @@ pub enum LifecycleError {
     },
 }
 
+/// The pieces a builder assembles into a [`Microvm`].
+pub(crate) struct MicrovmParts {
+    pub config: VmConfig,
+    pub vm: Vm,
+    pub mem: GuestMemoryMmap,
+    pub devices: DeviceManager,
+    pub console: Console,
+    pub stop: Arc<VmStop>,
+    pub vcpus: Vec<Vcpu>,
+    pub msr_indices: Arc<Vec<u32>>,
+}
+
 /// A VM ready to run or running.
 pub struct Microvm {
-    config: VmConfig,
-    vm: Vm,
-    mem: GuestMemoryMmap,
-    devices: DeviceManager,
+    pub(crate) config: VmConfig,
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) devices: DeviceManager,
     console: Console,
     stop: Arc<VmStop>,
     unstarted: Vec<Vcpu>,
-    vcpus: Vec<VcpuHandle>,
+    pub(crate) vcpus: Vec<VcpuHandle>,
     events: EventManager<Subscriber>,
     state: VmState,
+    /// MSRs saved with each vCPU (KVM_GET_MSR_INDEX_LIST).
+    pub(crate) msr_indices: Arc<Vec<u32>>,
 }
 
 impl Microvm {
-    pub(crate) fn new(
-        config: VmConfig,
-        vm: Vm,
-        mem: GuestMemoryMmap,
-        devices: DeviceManager,
-        console: Console,
-        stop: Arc<VmStop>,
-        vcpus: Vec<Vcpu>,
-    ) -> Result<Self, BuildError> {
+    pub(crate) fn new(parts: MicrovmParts) -> Result<Self, BuildError> {
         let mut events =
             EventManager::<Subscriber>::new().map_err(|e| BuildError::EventLoop(e.to_string()))?;
-        let watcher = StopWatcher::new(stop.clone(), &devices.reset_evt)?;
+        let watcher = StopWatcher::new(parts.stop.clone(), &parts.devices.reset_evt)?;
         events.add_subscriber(Arc::new(Mutex::new(watcher)));
         events.add_subscriber(Arc::new(Mutex::new(SerialInput {
-            serial: devices.serial.clone(),
+            serial: parts.devices.serial.clone(),
         })));
         Ok(Self {
-            config,
-            vm,
-            mem,
-            devices,
-            console,
-            stop,
-            unstarted: vcpus,
+            config: parts.config,
+            vm: parts.vm,
+            mem: parts.mem,
+            devices: parts.devices,
+            console: parts.console,
+            stop: parts.stop,
+            unstarted: parts.vcpus,
             vcpus: Vec::new(),
             events,
             state: VmState::NotStarted,
+            msr_indices: parts.msr_indices,
         })
     }
 
@@ -128,15 +135,28 @@ impl Microvm {
         self.events.add_subscriber(s);
     }
 
-    /// Starts the vCPU threads.
+    /// Starts the vCPU threads, running.
     pub fn start(&mut self) -> Result<(), LifecycleError> {
+        self.start_vcpus(false)
+    }
+
+    /// Starts the vCPU threads paused (a restored VM waiting for resume).
+    pub fn start_paused(&mut self) -> Result<(), LifecycleError> {
+        self.start_vcpus(true)
+    }
+
+    fn start_vcpus(&mut self, paused: bool) -> Result<(), LifecycleError> {
         if self.state != VmState::NotStarted {
             return Err(LifecycleError::State(self.state, "not started"));
         }
         for vcpu in self.unstarted.drain(..) {
-            self.vcpus.push(vcpu.start(false)?);
+            self.vcpus.push(vcpu.start(paused)?);
         }
-        self.state = VmState::Running;
+        self.state = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
         Ok(())
     }
 

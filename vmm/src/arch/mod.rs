@@ -6,3 +6,5 @@ pub mod cpuid;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+pub mod vcpu_state;
+pub mod vm_state;

@@ -1,0 +1,295 @@
+//! Whole-VM snapshots: what a snapshot holds ([`MicrovmState`]), taking one
+//! from a paused VM, and building a new VM from one.
+//!
+//! Creating: devices, then vCPUs, then the VM (irqchip, PIT, clock) are
+//! saved while every vCPU is paused; guest memory is written full (sparse)
+//! or as a diff of the pages dirtied since the previous snapshot; the state
+//! file is written last and atomically.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use snapshot::{DirtyBitmap, MemoryLayout, MemoryWriteStats};
+use vm_memory::GuestMemoryBackend;
+
+use crate::arch::vcpu_state::{self, VcpuState};
+use crate::arch::vm_state::{self, VmState};
+use crate::builder::{self, BuildError};
+use crate::config::VmConfig;
+use crate::device_manager::{DeviceManager, DevicesState};
+use crate::microvm::{LifecycleError, Microvm, MicrovmParts, VmState as LifecycleState};
+use crate::stop::VmStop;
+use crate::vm::{open_kvm, Vm};
+
+/// Full or diff memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory; zero pages are holes.
+    Full,
+    /// Only pages written since the previous snapshot (needs dirty tracking).
+    Diff,
+}
+
+/// What the memory file of a snapshot holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MemoryFile {
+    Full,
+    /// The listed pages only; the rest come from the base it was taken on.
+    Diff {
+        dirty: DirtyBitmap,
+    },
+}
+
+/// Everything needed to rebuild a VM, except guest memory itself.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// The vmm version that wrote the snapshot.
+    pub vmm_version: String,
+    /// The configuration the VM was built with.
+    pub config: VmConfig,
+    pub memory_layout: MemoryLayout,
+    pub memory_file: MemoryFile,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+/// Why a snapshot could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the VM must be paused to snapshot it (it is {0:?})")]
+    NotPaused(LifecycleState),
+    #[error("diff snapshots need dirty page tracking (track_dirty_pages)")]
+    NoDirtyTracking,
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error("saving vCPU {index}: {message}")]
+    Vcpu { index: u8, message: String },
+    #[error("saving VM state: {0}")]
+    VmState(#[from] vcpu_state::StateError),
+    #[error("reading the dirty log: {0}")]
+    DirtyLog(String),
+    #[error("writing memory file {path}: {source}")]
+    Memory {
+        path: PathBuf,
+        source: snapshot::MemoryError,
+    },
+    #[error("writing state file: {0}")]
+    StateFile(#[from] snapshot::StateFileError),
+}
+
+/// How long each part of a snapshot took.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotStats {
+    pub devices_vcpus_vm: Duration,
+    pub memory: MemoryWriteStats,
+    pub state_file: Duration,
+    pub total: Duration,
+}
+
+impl Microvm {
+    /// Writes a snapshot of the paused VM: state to `state_path`, memory to
+    /// `mem_path`. Both files are replaced atomically.
+    pub fn snapshot(
+        &mut self,
+        kind: SnapshotType,
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<SnapshotStats, SnapshotError> {
+        let t0 = Instant::now();
+        if self.state() != LifecycleState::Paused {
+            return Err(SnapshotError::NotPaused(self.state()));
+        }
+        if kind == SnapshotType::Diff && !self.vm.dirty_tracking() {
+            return Err(SnapshotError::NoDirtyTracking);
+        }
+        let devices = self.devices.save();
+        let vcpus = self.save_vcpus()?;
+        let vm = vm_state::save(self.vm.fd())?;
+        let t_state = t0.elapsed();
+
+        let layout = MemoryLayout::from_memory(&self.mem);
+        let dirty = self.take_dirty_pages(&layout)?;
+        let mem_err = |source| SnapshotError::Memory {
+            path: mem_path.to_path_buf(),
+            source,
+        };
+        let (memory, memory_file) = match (kind, dirty) {
+            (SnapshotType::Diff, Some(dirty)) => {
+                let stats = snapshot::write_diff(mem_path, &self.mem, &dirty).map_err(mem_err)?;
+                (stats, MemoryFile::Diff { dirty })
+            }
+            (SnapshotType::Diff, None) => return Err(SnapshotError::NoDirtyTracking),
+            (SnapshotType::Full, _) => {
+                // A file-mapped (restored) VM's untouched pages are the
+                // file's, not zero: scan them by content.
+                let stats = snapshot::write_full(mem_path, &self.mem).map_err(mem_err)?;
+                (stats, MemoryFile::Full)
+            }
+        };
+        let state = MicrovmState {
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            config: self.config.clone(),
+            memory_layout: layout,
+            memory_file,
+            vm,
+            vcpus,
+            devices,
+        };
+        let t_file = Instant::now();
+        snapshot::save_state(state_path, &state)?;
+        Ok(SnapshotStats {
+            devices_vcpus_vm: t_state,
+            memory,
+            state_file: t_file.elapsed(),
+            total: t0.elapsed(),
+        })
+    }
+
+    fn save_vcpus(&self) -> Result<Vec<VcpuState>, SnapshotError> {
+        let slots: Vec<Arc<Mutex<Option<VcpuState>>>> =
+            self.vcpus.iter().map(|_| Arc::default()).collect();
+        for (handle, slot) in self.vcpus.iter().zip(&slots) {
+            let slot = slot.clone();
+            let msrs = self.msr_indices.clone();
+            handle
+                .with_fd("save state", move |fd| {
+                    let state = vcpu_state::save(fd, &msrs).map_err(|e| e.to_string())?;
+                    // Tell a kvmclock guest it was paused (no soft-lockup
+                    // report on resume); guests without kvmclock refuse it.
+                    let _ = fd.kvmclock_ctrl();
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+                    Ok(())
+                })
+                .map_err(|e| SnapshotError::Vcpu {
+                    index: handle.index(),
+                    message: e.to_string(),
+                })?;
+        }
+        slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .ok_or(SnapshotError::Vcpu {
+                        index: i as u8,
+                        message: "no state returned".into(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Pages written since the last snapshot (KVM's log, which this read
+    /// resets, plus the VMM's own writes), or None without dirty tracking.
+    fn take_dirty_pages(
+        &self,
+        layout: &MemoryLayout,
+    ) -> Result<Option<DirtyBitmap>, SnapshotError> {
+        if !self.vm.dirty_tracking() {
+            return Ok(None);
+        }
+        let mut words = Vec::with_capacity(layout.regions.len());
+        for (slot, region) in layout.regions.iter().enumerate() {
+            let log = self
+                .vm
+                .fd()
+                .get_dirty_log(slot as u32, region.size as usize)
+                .map_err(|e| SnapshotError::DirtyLog(format!("slot {slot}: {e}")))?;
+            words.push(log);
+        }
+        let mut dirty = DirtyBitmap::from_words(layout, words)
+            .map_err(|e| SnapshotError::DirtyLog(e.to_string()))?;
+        dirty
+            .or_with_memory_bitmaps(&self.mem)
+            .map_err(|e| SnapshotError::DirtyLog(e.to_string()))?;
+        for region in self.mem.iter() {
+            region.bitmap().reset();
+        }
+        Ok(Some(dirty))
+    }
+}
+
+/// How to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreParams {
+    pub state_path: PathBuf,
+    pub mem_path: PathBuf,
+    /// Keep tracking dirty pages (for diff snapshots of the restored VM).
+    pub track_dirty_pages: bool,
+    /// Where the restored guest's console goes.
+    pub serial: crate::config::SerialOutput,
+}
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("reading snapshot state: {0}")]
+    StateFile(#[from] snapshot::StateFileError),
+    #[error("snapshot {path} holds a diff; merge it onto its base memory file first")]
+    DiffNotLoadable { path: PathBuf },
+    #[error("snapshot is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+/// Builds a new VM from a snapshot; its vCPUs start paused.
+pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreError> {
+    let state: MicrovmState = snapshot::load_state(&params.state_path)?;
+    if let MemoryFile::Diff { .. } = state.memory_file {
+        return Err(RestoreError::DiffNotLoadable {
+            path: params.state_path.clone(),
+        });
+    }
+    state
+        .memory_layout
+        .validate()
+        .map_err(|e| RestoreError::Inconsistent(e.to_string()))?;
+    if state.vcpus.is_empty() || state.vcpus.len() != usize::from(state.config.vcpus) {
+        return Err(RestoreError::Inconsistent(format!(
+            "{} vCPU states for a {}-vCPU VM",
+            state.vcpus.len(),
+            state.config.vcpus
+        )));
+    }
+    let mut config = state.config.clone();
+    config.track_dirty_pages = params.track_dirty_pages;
+    config.serial = params.serial.clone();
+
+    let kvm = open_kvm().map_err(BuildError::from)?;
+    let regions: Vec<(u64, u64, u64)> = state
+        .memory_layout
+        .regions
+        .iter()
+        .map(|r| (r.guest_addr, r.size, r.file_offset))
+        .collect();
+    let mem =
+        crate::memory::map_file_private(&params.mem_path, &regions).map_err(BuildError::from)?;
+    let mut vm = Vm::new(&kvm).map_err(BuildError::from)?;
+    vm.register_memory(&mem, config.track_dirty_pages)
+        .map_err(BuildError::from)?;
+
+    let console = builder::console_for(&config)?;
+    let devices = DeviceManager::new(&vm, console.clone(), Some(&state.devices.serial))
+        .map_err(BuildError::from)?;
+    let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
+    let vcpus = builder::create_vcpus(&vm, &devices, &stop, config.vcpus, |index, fd| {
+        vcpu_state::restore(fd, &state.vcpus[usize::from(index)]).map_err(BuildError::from)
+    })?;
+    vm_state::restore(vm.fd(), &state.vm).map_err(BuildError::from)?;
+    let msr_indices = Arc::new(builder::msr_indices(&kvm)?);
+    Ok(Microvm::new(MicrovmParts {
+        config,
+        vm,
+        mem,
+        devices,
+        console,
+        stop,
+        vcpus,
+        msr_indices,
+    })?)
+}
