@@ -5,8 +5,10 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
-use devices::interrupt::IrqFd;
-use devices::legacy::{Serial, SerialState, COM1_BASE, COM1_IRQ, COM1_LEN, I8042};
+use devices::interrupt::{Interrupt, IrqFd};
+use devices::legacy::{
+    I8042State, Serial, SerialState, COM1_BASE, COM1_IRQ, COM1_LEN, I8042, I8042_KBD_IRQ,
+};
 use snapshot::Persist;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -39,13 +41,15 @@ pub enum DeviceError {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DevicesState {
     pub serial: SerialState,
+    pub i8042: I8042State,
 }
 
-/// The legacy devices every VM has.
+/// The devices of a VM and the buses they sit on.
 pub struct DeviceManager {
     pub pio: Bus,
     pub mmio: Bus,
     pub serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
     /// Written by the i8042 when the guest resets the CPU.
     pub reset_evt: EventFd,
     /// Kernel command-line arguments describing the devices.
@@ -56,56 +60,65 @@ fn eventfd(device: &'static str) -> Result<EventFd, DeviceError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { device, source })
 }
 
+/// An interrupt line for ISA IRQ `gsi`, delivered by KVM through an irqfd.
+fn irq_line(vm: &Vm, gsi: u32, device: &'static str) -> Result<Box<dyn Interrupt>, DeviceError> {
+    let evt = eventfd(device)?;
+    vm.fd()
+        .register_irqfd(&evt, gsi)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    Ok(Box::new(IrqFd::new(evt)))
+}
+
+fn restore_err(device: &'static str) -> impl FnOnce(std::io::Error) -> DeviceError {
+    move |e| DeviceError::Restore {
+        device,
+        reason: e.to_string(),
+    }
+}
+
 impl DeviceManager {
-    /// Creates COM1 (console) and the i8042, with the serial interrupt
-    /// delivered through an irqfd; the UART starts from `serial_state` when
-    /// restoring a snapshot.
+    /// Creates COM1 (the console) and the i8042, fresh or from `state`
+    /// when restoring a snapshot.
     pub fn new(
         vm: &Vm,
         console: Console,
-        serial_state: Option<&SerialState>,
+        state: Option<&DevicesState>,
     ) -> Result<Self, DeviceError> {
-        let irq = eventfd("serial interrupt")?;
-        vm.fd()
-            .register_irqfd(&irq, COM1_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let line = Box::new(IrqFd::new(irq));
-        let serial = match serial_state {
-            None => Serial::new(line, Box::new(console)),
-            Some(state) => Serial::restore((line, Box::new(console)), state).map_err(|e| {
-                DeviceError::Restore {
-                    device: "serial",
-                    reason: e.to_string(),
-                }
-            })?,
+        let serial_irq = irq_line(vm, COM1_IRQ, "serial interrupt")?;
+        let serial = match state {
+            None => Serial::new(serial_irq, Box::new(console)),
+            Some(s) => Serial::restore((serial_irq, Box::new(console)), &s.serial)
+                .map_err(restore_err("serial"))?,
         };
         let serial = Arc::new(Mutex::new(serial));
 
         let reset_evt = eventfd("i8042 reset")?;
-        let i8042 = I8042::new(
-            reset_evt
-                .try_clone()
-                .map_err(|source| DeviceError::EventFd {
-                    device: "i8042 reset",
-                    source,
-                })?,
-        );
+        let reset_clone = reset_evt
+            .try_clone()
+            .map_err(|source| DeviceError::EventFd {
+                device: "i8042 reset",
+                source,
+            })?;
+        let kbd_irq = irq_line(vm, I8042_KBD_IRQ, "i8042 interrupt")?;
+        let i8042 = match state {
+            None => I8042::new(reset_clone, kbd_irq),
+            Some(s) => {
+                I8042::restore((reset_clone, kbd_irq), &s.i8042).map_err(restore_err("i8042"))?
+            }
+        };
+        let i8042 = Arc::new(Mutex::new(i8042));
 
         let mut pio = Bus::new();
+        let bus_err = |device| move |source| DeviceError::Bus { device, source };
         pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
-            .map_err(|source| DeviceError::Bus {
-                device: "serial",
-                source,
-            })?;
-        pio.insert(Arc::new(Mutex::new(i8042)), I8042::BASE, I8042::LEN)
-            .map_err(|source| DeviceError::Bus {
-                device: "i8042",
-                source,
-            })?;
+            .map_err(bus_err("serial"))?;
+        pio.insert(i8042.clone(), I8042::BASE, I8042::LEN)
+            .map_err(bus_err("i8042"))?;
         Ok(Self {
             pio,
             mmio: Bus::new(),
             serial,
+            i8042,
             reset_evt,
             cmdline: Vec::new(),
         })
@@ -115,6 +128,7 @@ impl DeviceManager {
     pub fn save(&self) -> DevicesState {
         DevicesState {
             serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            i8042: self.i8042.lock().unwrap_or_else(|e| e.into_inner()).save(),
         }
     }
 

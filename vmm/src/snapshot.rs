@@ -274,8 +274,8 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         .map_err(BuildError::from)?;
 
     let console = builder::console_for(&config)?;
-    let devices = DeviceManager::new(&vm, console.clone(), Some(&state.devices.serial))
-        .map_err(BuildError::from)?;
+    let devices =
+        DeviceManager::new(&vm, console.clone(), Some(&state.devices)).map_err(BuildError::from)?;
     let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
     let vcpus = builder::create_vcpus(&vm, &devices, &stop, config.vcpus, |index, fd| {
         vcpu_state::restore(fd, &state.vcpus[usize::from(index)]).map_err(BuildError::from)

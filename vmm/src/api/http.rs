@@ -170,7 +170,9 @@ fn is_token(s: &[u8]) -> bool {
 }
 
 fn parse_head(bytes: &[u8], len: usize) -> Result<Head, HttpError> {
-    let mut lines = bytes.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = bytes
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let request_line = lines.next().unwrap_or_default();
     let (method, path, http11) = parse_request_line(request_line)?;
 
@@ -281,7 +283,10 @@ fn parse_request_line(line: &[u8]) -> Result<(String, String, bool), HttpError> 
         "HTTP/1.1" => true,
         "HTTP/1.0" => false,
         v if v.len() == 8 && v.starts_with("HTTP/") => {
-            return Err(HttpError::new(505, format!("{v} is not supported; use HTTP/1.1")))
+            return Err(HttpError::new(
+                505,
+                format!("{v} is not supported; use HTTP/1.1"),
+            ))
         }
         v => return Err(HttpError::bad(format!("invalid HTTP version {v:?}"))),
     };
@@ -487,16 +492,33 @@ mod tests {
             (b"GET /vm HTTP/1.1\r\nA: b\x01c\r\n\r\n", 400),
             (b"PUT /vm HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
             (b"PUT /vm HTTP/1.1\r\nContent-Length: 1,1\r\n\r\n", 400),
-            (b"PUT /vm HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (
+                b"PUT /vm HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
             (b"PUT /vm HTTP/1.1\r\n\r\n", 411),
             (b"PATCH /vm HTTP/1.1\r\nHost: x\r\n\r\n", 411),
-            (b"PUT /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+            (
+                b"PUT /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                501,
+            ),
             (b"PUT /vm HTTP/1.1\r\nContent-Length: 1048577\r\n\r\n", 413),
-            (b"PUT /vm HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n", 413),
-            (b"PUT /vm HTTP/1.1\r\nContent-Length: 1\r\nExpect: magic\r\n\r\n", 417),
+            (
+                b"PUT /vm HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                413,
+            ),
+            (
+                b"PUT /vm HTTP/1.1\r\nContent-Length: 1\r\nExpect: magic\r\n\r\n",
+                417,
+            ),
         ];
         for (bytes, want) in cases {
-            assert_eq!(status_of(bytes), *want, "{}", String::from_utf8_lossy(bytes));
+            assert_eq!(
+                status_of(bytes),
+                *want,
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
         }
     }
 
@@ -516,7 +538,8 @@ mod tests {
         assert_eq!(status_of(&endless), 431);
 
         let body = vec![b' '; MAX_BODY_SIZE];
-        let mut req = format!("PUT /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        let mut req =
+            format!("PUT /x HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
         req.extend_from_slice(&body);
         assert_eq!(one(&req).body.len(), MAX_BODY_SIZE);
     }

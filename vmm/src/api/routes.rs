@@ -129,9 +129,18 @@ mod tests {
     fn actions() {
         let cases = [
             (req("GET", "/vm", ""), ApiAction::GetVm),
-            (req("PATCH", "/vm", r#"{"state":"Paused"}"#), ApiAction::Pause),
-            (req("PATCH", "/vm", r#" {"state":"Resumed"} "#), ApiAction::Resume),
-            (req("PUT", "/actions", r#"{"action_type":"Stop"}"#), ApiAction::Stop),
+            (
+                req("PATCH", "/vm", r#"{"state":"Paused"}"#),
+                ApiAction::Pause,
+            ),
+            (
+                req("PATCH", "/vm", r#" {"state":"Resumed"} "#),
+                ApiAction::Resume,
+            ),
+            (
+                req("PUT", "/actions", r#"{"action_type":"Stop"}"#),
+                ApiAction::Stop,
+            ),
             (
                 req(
                     "PUT",
@@ -160,8 +169,15 @@ mod tests {
         for (r, want) in cases {
             assert_eq!(route(&r), Routed::Vmm(want), "{r:?}");
         }
-        let r = route(&req("PUT", "/snapshot/load", r#"{"snapshot_path":"s","mem_file_path":"m"}"#));
-        assert!(matches!(r, Routed::Vmm(ApiAction::LoadSnapshot(_))), "{r:?}");
+        let r = route(&req(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path":"s","mem_file_path":"m"}"#,
+        ));
+        assert!(
+            matches!(r, Routed::Vmm(ApiAction::LoadSnapshot(_))),
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -191,14 +207,54 @@ mod tests {
         let cases = [
             ("PATCH", "/vm", "", "body is empty"),
             ("PATCH", "/vm", "{", "EOF while parsing"),
-            ("PATCH", "/vm", r#"{"state":"Running"}"#, "unknown variant `Running`, expected `Paused` or `Resumed`"),
-            ("PATCH", "/vm", r#"{"state":"paused"}"#, "unknown variant `paused`"),
-            ("PATCH", "/vm", r#"{"state":"Paused","x":1}"#, "unknown field `x`"),
-            ("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#, "unknown variant"),
-            ("PUT", "/snapshot/create", r#"{"snapshot_path":"","mem_file_path":"m"}"#, "`snapshot_path` must not be empty"),
-            ("PUT", "/snapshot/create", r#"{"snapshot_path":"s"}"#, "missing field `mem_file_path`"),
-            ("PUT", "/snapshot/load", r#"{"snapshot_path":"s","mem_backend":{"backend_type":"UFFD","backend_path":"m"}}"#, "unknown variant `UFFD`"),
-            ("PUT", "/snapshot/merge", r#"{"base_mem_file_path":"b","diff_mem_file_path":"b","snapshot_path":"s"}"#, "must differ"),
+            (
+                "PATCH",
+                "/vm",
+                r#"{"state":"Running"}"#,
+                "unknown variant `Running`, expected `Paused` or `Resumed`",
+            ),
+            (
+                "PATCH",
+                "/vm",
+                r#"{"state":"paused"}"#,
+                "unknown variant `paused`",
+            ),
+            (
+                "PATCH",
+                "/vm",
+                r#"{"state":"Paused","x":1}"#,
+                "unknown field `x`",
+            ),
+            (
+                "PUT",
+                "/actions",
+                r#"{"action_type":"InstanceStart"}"#,
+                "unknown variant",
+            ),
+            (
+                "PUT",
+                "/snapshot/create",
+                r#"{"snapshot_path":"","mem_file_path":"m"}"#,
+                "`snapshot_path` must not be empty",
+            ),
+            (
+                "PUT",
+                "/snapshot/create",
+                r#"{"snapshot_path":"s"}"#,
+                "missing field `mem_file_path`",
+            ),
+            (
+                "PUT",
+                "/snapshot/load",
+                r#"{"snapshot_path":"s","mem_backend":{"backend_type":"UFFD","backend_path":"m"}}"#,
+                "unknown variant `UFFD`",
+            ),
+            (
+                "PUT",
+                "/snapshot/merge",
+                r#"{"base_mem_file_path":"b","diff_mem_file_path":"b","snapshot_path":"s"}"#,
+                "must differ",
+            ),
             ("PUT", "/snapshot/load", "[1]", "invalid type"),
         ];
         for (m, p, b, want) in cases {

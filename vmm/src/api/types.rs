@@ -345,8 +345,8 @@ mod tests {
 
     #[test]
     fn load_round_trips_through_serialize() {
-        let p = load(r#"{"snapshot_path":"s","mem_file_path":"m","track_dirty_pages":true}"#)
-            .unwrap();
+        let p =
+            load(r#"{"snapshot_path":"s","mem_file_path":"m","track_dirty_pages":true}"#).unwrap();
         let text = serde_json::to_string(&p).unwrap();
         assert!(!text.contains("mem_file_path"), "{text}");
         assert_eq!(load(&text).unwrap(), p);
@@ -376,10 +376,7 @@ mod tests {
                 r#"{"snapshot_path":"","mem_file_path":"m"}"#,
                 "`snapshot_path` must not be empty",
             ),
-            (
-                r#"{"snapshot_path":"s","mem_file_path":"m\u0000x"}"#,
-                "NUL",
-            ),
+            (r#"{"snapshot_path":"s","mem_file_path":"m\u0000x"}"#, "NUL"),
             (
                 r#"{"snapshot_path":"s","mem_file_path":"m","network_overrides":[{"iface_id":"a","host_dev_name":"0123456789abcdef"}]}"#,
                 "longer than 15",
