@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 use vmm::config::SerialOutput;
+use vmm::controller::Controller;
 use vmm::profile::GuestProfile;
+use vmm::snapshot::{RestoreParams, MEMORY_FILE, STATE_FILE};
 use vmm::VmConfig;
 
 #[derive(Args, Debug)]
@@ -14,8 +16,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Kernel image (ELF vmlinux or bzImage).
-    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
+    /// Serve the control API (HTTP/JSON) on this Unix socket. Without a
+    /// kernel or --restore, the VMM waits for PUT /snapshot/load.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Restore the snapshot in DIR (DIR/vmstate and DIR/memory) and resume it.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "rootfs", "cmdline", "vcpus", "mem_mib", "profile"])]
+    restore: Option<PathBuf>,
+    /// With --restore: leave the VM paused.
+    #[arg(long, requires = "restore")]
+    paused: bool,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -50,12 +62,13 @@ enum ProfileArg {
 }
 
 impl RunArgs {
-    /// The VM configuration: the file's (if any) with flags applied on top.
-    fn to_config(&self) -> Result<VmConfig, String> {
+    /// The VM configuration: the file's (if any) with flags applied on top;
+    /// None when there is nothing to boot.
+    fn to_config(&self) -> Result<Option<VmConfig>, String> {
         let mut cfg = match (&self.config, &self.kernel) {
             (Some(path), _) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
             (None, Some(kernel)) => VmConfig::new(kernel),
-            (None, None) => return Err("--kernel or --config is required".into()),
+            (None, None) => return Ok(None),
         };
         if let Some(k) = &self.kernel {
             cfg.kernel = k.clone();
@@ -85,27 +98,62 @@ impl RunArgs {
                 ProfileArg::Pvm => GuestProfile::Pvm,
             });
         }
-        Ok(cfg)
+        Ok(Some(cfg))
+    }
+
+    fn serial(&self) -> SerialOutput {
+        match &self.serial_log {
+            Some(path) => SerialOutput::File(path.clone()),
+            None => SerialOutput::Stdout,
+        }
+    }
+
+    /// The VM to start with, if any: booted, restored, or none (API load).
+    fn initial_vm(&self) -> Result<Option<vmm::Microvm>, String> {
+        if let Some(dir) = &self.restore {
+            let params = RestoreParams {
+                state_path: dir.join(STATE_FILE),
+                mem_path: dir.join(MEMORY_FILE),
+                track_dirty_pages: self.track_dirty_pages,
+                serial: self.serial(),
+            };
+            let mut vm = vmm::snapshot::build_from_snapshot(&params)
+                .map_err(|e| format!("cannot restore {}: {e}", dir.display()))?;
+            let started = if self.paused {
+                vm.start_paused()
+            } else {
+                vm.start()
+            };
+            started.map_err(|e| format!("cannot start the restored VM: {e}"))?;
+            return Ok(Some(vm));
+        }
+        match self.to_config()? {
+            Some(config) => vmm::build_for_boot(&config)
+                .map(Some)
+                .map_err(|e| format!("cannot start the VM: {e}")),
+            None if self.api_sock.is_some() => Ok(None),
+            None => Err("nothing to run: give --kernel, --config, --restore or --api-sock".into()),
+        }
     }
 }
 
 /// Runs the VM; returns the process exit code.
 pub fn run(args: RunArgs) -> i32 {
-    let config = match args.to_config() {
+    let vm = match args.initial_vm() {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return 1;
+        }
+    };
+    let controller = match Controller::new(vm, args.api_sock.as_deref(), args.serial()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: {e}");
             return 1;
         }
     };
-    let vm = match vmm::build_for_boot(&config) {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("vmm: cannot start the VM: {e}");
-            return 1;
-        }
-    };
-    let reason = vm.run();
+    let reason = controller.run();
     let code = reason.exit_code();
     if code == 0 {
         log::info!("{reason}");

@@ -4,10 +4,12 @@
 //! [`microvm::Microvm`], whose [`microvm::Microvm::run`] runs the guest until
 //! it ends and returns a [`stop::StopReason`].
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod console;
+pub mod controller;
 pub mod device_manager;
 pub mod memory;
 pub mod microvm;

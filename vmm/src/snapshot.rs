@@ -23,10 +23,15 @@ use crate::microvm::{LifecycleError, Microvm, MicrovmParts, VmState as Lifecycle
 use crate::stop::VmStop;
 use crate::vm::{open_kvm, Vm};
 
+/// File names inside a snapshot directory.
+pub const STATE_FILE: &str = "vmstate";
+pub const MEMORY_FILE: &str = "memory";
+
 /// Full or diff memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapshotType {
     /// All of guest memory; zero pages are holes.
+    #[default]
     Full,
     /// Only pages written since the previous snapshot (needs dirty tracking).
     Diff,
@@ -292,4 +297,33 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         vcpus,
         msr_indices,
     })?)
+}
+
+/// Why a diff could not be merged.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error("reading diff snapshot state: {0}")]
+    StateFile(#[from] snapshot::StateFileError),
+    #[error("snapshot {0} is not a diff snapshot")]
+    NotADiff(PathBuf),
+    #[error("merging memory: {0}")]
+    Memory(#[from] snapshot::MemoryError),
+}
+
+/// Applies the diff memory file of the diff snapshot at `state_path` onto
+/// `base_mem`, then rewrites that state file as a full snapshot whose memory
+/// is the merged base: afterwards (`state_path`, `base_mem`) is loadable.
+pub fn merge_diff_snapshot(
+    state_path: &Path,
+    base_mem: &Path,
+    diff_mem: &Path,
+) -> Result<MemoryWriteStats, MergeError> {
+    let mut state: MicrovmState = snapshot::load_state(state_path)?;
+    let MemoryFile::Diff { dirty } = &state.memory_file else {
+        return Err(MergeError::NotADiff(state_path.to_path_buf()));
+    };
+    let stats = snapshot::merge_diff(base_mem, diff_mem, dirty, &state.memory_layout)?;
+    state.memory_file = MemoryFile::Full;
+    snapshot::save_state(state_path, &state)?;
+    Ok(stats)
 }

@@ -189,7 +189,7 @@ mod tests {
     fn odd_sized_accesses_are_ignored() {
         let sink = Sink::default();
         let mut s = Serial::new(Box::new(Counter::default()), Box::new(sink.clone()));
-        s.write(0, &[b'a', b'b']);
+        s.write(0, b"ab");
         let mut b = [0u8; 2];
         s.read(0, &mut b);
         assert_eq!(b, [0xff, 0xff]);

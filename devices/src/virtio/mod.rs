@@ -11,8 +11,13 @@ pub mod mmio;
 pub mod net;
 pub mod vsock;
 
+#[cfg(test)]
+pub(crate) mod test_utils;
+
 use std::sync::Arc;
 
+use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::QueueState;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::Interrupt;
@@ -73,6 +78,10 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Whether the device has been activated.
     fn is_activated(&self) -> bool;
+    /// The state of the queues the device runs (one per queue, in order), for
+    /// snapshots: the device advances `next_avail`/`next_used`, so only it
+    /// knows where the queues are. Empty when not activated.
+    fn queue_states(&self) -> Vec<QueueState>;
     /// Stops the device after a driver reset; returns false if unsupported.
     fn reset(&mut self) -> bool {
         false
@@ -122,4 +131,103 @@ impl VirtioInterrupt {
     pub fn set_status(&self, bits: u32) {
         self.status.store(bits, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// What an activated device runs with: handed over by the transport on
+/// DRIVER_OK and dropped on reset.
+pub struct ActiveState {
+    pub mem: GuestMemoryMmap,
+    pub interrupt: Arc<VirtioInterrupt>,
+    pub queues: Vec<ActiveQueue>,
+}
+
+impl ActiveState {
+    /// The queue states, for [`VirtioDevice::queue_states`].
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        self.queues.iter().map(|q| q.queue.state()).collect()
+    }
+
+    /// Raises the used-ring interrupt, logging (not failing) if the line is
+    /// broken: there is nobody to return an error to in the event loop.
+    pub fn signal_used(&self, device: &str) {
+        if let Err(e) = self.interrupt.signal_used_queue() {
+            log::error!("{device}: failed to signal used queue: {e}");
+        }
+    }
+}
+
+/// The queue eventfds a device has registered with the event manager.
+///
+/// Activation and reset happen on a vCPU thread (through the transport), but
+/// registrations can only change in the event loop. The device keeps its own
+/// duplicates of the eventfds here so the registered fds stay open until the
+/// event loop removes them, whatever happened to the queues meanwhile.
+#[derive(Default)]
+pub struct QueueEventRegistrations {
+    evts: Vec<EventFd>,
+}
+
+impl QueueEventRegistrations {
+    /// Removes every registered queue eventfd.
+    pub fn clear(&mut self, ops: &mut EventOps) {
+        for evt in self.evts.drain(..) {
+            if let Err(e) = ops.remove(Events::empty(&evt)) {
+                log::warn!("failed to unregister queue eventfd: {e:?}");
+            }
+        }
+    }
+
+    /// Registers the notification eventfd of each queue, with the queue
+    /// index plus `data_base` as event data.
+    pub fn register(
+        &mut self,
+        ops: &mut EventOps,
+        queues: &[ActiveQueue],
+        data_base: u32,
+    ) -> std::io::Result<()> {
+        for (i, q) in (0u32..).zip(queues) {
+            let evt = q.notify.try_clone()?;
+            ops.add(Events::with_data(&evt, data_base + i, EventSet::IN))
+                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+            self.evts.push(evt);
+        }
+        Ok(())
+    }
+
+    /// Makes queue `index` look notified, so the event loop comes back to
+    /// it (work left over after a budget ran out).
+    pub fn kick(&self, index: usize) {
+        if let Some(evt) = self.evts.get(index) {
+            if let Err(e) = evt.write(1) {
+                log::error!("failed to re-signal queue {index}: {e}");
+            }
+        }
+    }
+
+    /// Consumes pending notifications of queue `index`; false if that queue
+    /// is not registered.
+    pub fn ack(&self, index: usize) -> bool {
+        match self.evts.get(index) {
+            Some(evt) => {
+                // A nonblocking read: EAGAIN just means a spurious wakeup.
+                let _ = evt.read();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Copies the part of a device configuration space at `offset` into `data`;
+/// bytes beyond the space read as zero (guest reads are not trusted).
+pub fn read_config_bytes(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= space.len() {
+        return;
+    }
+    let n = data.len().min(space.len() - start);
+    data[..n].copy_from_slice(&space[start..start + n]);
 }

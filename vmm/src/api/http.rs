@@ -414,7 +414,7 @@ fn reason(status: u16) -> &'static str {
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
-        400..=499 => "Client Error",
+        s if s < 500 => "Client Error",
         _ => "Server Error",
     }
 }

@@ -375,7 +375,8 @@ impl Worker {
             Routed::Vmm(action) => self.forward(action),
         };
         log::debug!("API: {} {} -> {}", req.method, req.path, resp.status);
-        resp.close |= !req.keep_alive;
+        // A HEAD client would not read the body; closing keeps framing sane.
+        resp.close |= !req.keep_alive || req.method == "HEAD";
         resp
     }
 

@@ -26,15 +26,7 @@ pub struct PatchVm {
     pub state: VmStateChange,
 }
 
-/// What memory a snapshot writes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum SnapshotType {
-    /// Every page of guest memory.
-    #[default]
-    Full,
-    /// Only pages written since the last snapshot (needs dirty tracking).
-    Diff,
-}
+pub use crate::snapshot::SnapshotType;
 
 /// Body of `PUT /snapshot/create`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,257 @@
+//! The top of a VMM process: at most one VM, the control API, and the loop
+//! that drives both. API requests arrive on a channel from the API thread,
+//! which also writes an eventfd so a sleeping event loop wakes at once.
+
+use std::path::Path;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use serde_json::{json, Value};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{
+    ApiAction, ApiError, ApiFailure, ApiReply, ApiRequest, ApiServer, ApiServerHandle,
+    CreateSnapshotParams, LoadSnapshotParams, MemBackendType, MergeDiffParams,
+};
+use crate::config::SerialOutput;
+use crate::microvm::Microvm;
+use crate::snapshot::{build_from_snapshot, merge_diff_snapshot, RestoreParams};
+use crate::stop::StopReason;
+
+/// The API server and the VMM's end of its channel.
+struct Api {
+    _server: ApiServerHandle,
+    requests: Receiver<ApiRequest>,
+    wake: EventFd,
+}
+
+/// Drains the API wake eventfd inside a VM's event loop; the requests
+/// themselves are handled by the controller after each loop round.
+struct ApiWake(EventFd);
+
+impl MutEventSubscriber for ApiWake {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch the API wake eventfd: {e}");
+        }
+    }
+}
+
+/// Owns the VM (once there is one) and the API.
+pub struct Controller {
+    vm: Option<Microvm>,
+    api: Option<Api>,
+    /// Console destination for a VM loaded through the API.
+    serial: SerialOutput,
+    stop: Option<StopReason>,
+}
+
+impl Controller {
+    /// A controller for `vm` (or none yet: one is loaded through the API),
+    /// with an API server on `api_sock` when given.
+    pub fn new(
+        vm: Option<Microvm>,
+        api_sock: Option<&Path>,
+        serial: SerialOutput,
+    ) -> Result<Self, ApiError> {
+        let api = match api_sock {
+            Some(path) => {
+                let (tx, rx) = mpsc::channel();
+                let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| ApiError::Setup {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let server_wake = wake.try_clone().map_err(|source| ApiError::Setup {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                let server = ApiServer::spawn(path, tx, server_wake)?;
+                Some(Api {
+                    _server: server,
+                    requests: rx,
+                    wake,
+                })
+            }
+            None => None,
+        };
+        let mut controller = Self {
+            vm: None,
+            api,
+            serial,
+            stop: None,
+        };
+        if let Some(vm) = vm {
+            controller.adopt(vm);
+        }
+        Ok(controller)
+    }
+
+    /// Takes ownership of a VM, starts it if it is fresh, and lets API
+    /// wake-ups reach its event loop.
+    fn adopt(&mut self, mut vm: Microvm) {
+        if vm.state() == crate::microvm::VmState::NotStarted {
+            if let Err(e) = vm.start() {
+                self.stop = Some(StopReason::VmmError(format!("cannot start the VM: {e}")));
+            }
+        }
+        if let Some(api) = &self.api {
+            match api.wake.try_clone() {
+                Ok(wake) => vm.add_subscriber(Arc::new(Mutex::new(ApiWake(wake)))),
+                Err(e) => log::error!("API wake-ups will be late: {e}"),
+            }
+        }
+        self.vm = Some(vm);
+    }
+
+    /// Runs until the VM ends or a stop is requested; returns why.
+    pub fn run(mut self) -> StopReason {
+        loop {
+            match self.vm.as_mut() {
+                Some(vm) => {
+                    if let Some(reason) = vm.run_once() {
+                        self.stop.get_or_insert(reason);
+                    }
+                }
+                None => self.wait_for_api(),
+            }
+            self.drain_api();
+            if let Some(reason) = self.stop.take() {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.shutdown();
+                }
+                return reason;
+            }
+        }
+    }
+
+    /// With no VM, sleeps until an API request arrives.
+    fn wait_for_api(&mut self) {
+        let Some(api) = &self.api else {
+            self.stop = Some(StopReason::VmmError("no VM and no API to load one".into()));
+            return;
+        };
+        match api.requests.recv_timeout(Duration::from_millis(100)) {
+            Ok(req) => self.handle(req),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                self.stop = Some(StopReason::VmmError("the API server stopped".into()));
+            }
+        }
+    }
+
+    fn drain_api(&mut self) {
+        loop {
+            let Some(req) = self
+                .api
+                .as_ref()
+                .and_then(|api| api.requests.try_recv().ok())
+            else {
+                return;
+            };
+            self.handle(req);
+        }
+    }
+
+    fn handle(&mut self, req: ApiRequest) {
+        let is_stop = req.action == ApiAction::Stop;
+        let reply = self.dispatch(req.action);
+        // The client may have given up; the VMM goes on regardless.
+        let _ = req.reply.send(reply);
+        if is_stop {
+            self.stop.get_or_insert(StopReason::Requested);
+        }
+    }
+
+    fn vm_mut(&mut self) -> Result<&mut Microvm, ApiFailure> {
+        self.vm
+            .as_mut()
+            .ok_or_else(|| ApiFailure::bad_request("no VM is loaded; PUT /snapshot/load first"))
+    }
+
+    fn dispatch(&mut self, action: ApiAction) -> ApiReply {
+        match action {
+            ApiAction::GetVm => Ok(match &self.vm {
+                Some(vm) => json!({ "state": vm.state(), "config": vm.config() }),
+                None => json!({ "state": "NotLoaded" }),
+            }),
+            ApiAction::Pause => {
+                let took = self
+                    .vm_mut()?
+                    .pause()
+                    .map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+                Ok(json!({ "pause_us": took.as_micros() as u64 }))
+            }
+            ApiAction::Resume => {
+                self.vm_mut()?
+                    .resume()
+                    .map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+                Ok(Value::Null)
+            }
+            ApiAction::CreateSnapshot(p) => self.create_snapshot(&p),
+            ApiAction::LoadSnapshot(p) => self.load_snapshot(&p),
+            ApiAction::MergeDiff(p) => merge(&p),
+            ApiAction::Stop => Ok(Value::Null),
+        }
+    }
+
+    fn create_snapshot(&mut self, p: &CreateSnapshotParams) -> ApiReply {
+        let vm = self.vm_mut()?;
+        let stats = vm
+            .snapshot(p.snapshot_type, &p.snapshot_path, &p.mem_file_path)
+            .map_err(|e| match e {
+                crate::snapshot::SnapshotError::NotPaused(_)
+                | crate::snapshot::SnapshotError::NoDirtyTracking => {
+                    ApiFailure::bad_request(e.to_string())
+                }
+                other => ApiFailure::internal(other.to_string()),
+            })?;
+        serde_json::to_value(&stats).map_err(|e| ApiFailure::internal(e.to_string()))
+    }
+
+    fn load_snapshot(&mut self, p: &LoadSnapshotParams) -> ApiReply {
+        if self.vm.is_some() {
+            return Err(ApiFailure::bad_request(
+                "a VM is already running in this VMM; load a snapshot into a new VMM process",
+            ));
+        }
+        if p.mem_backend.backend_type != MemBackendType::File {
+            return Err(ApiFailure::new(
+                501,
+                "the Uffd memory backend is not supported yet",
+            ));
+        }
+        let params = RestoreParams {
+            state_path: p.snapshot_path.clone(),
+            mem_path: p.mem_backend.backend_path.clone(),
+            track_dirty_pages: p.track_dirty_pages,
+            serial: self.serial.clone(),
+        };
+        let mut vm =
+            build_from_snapshot(&params).map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+        let started = if p.resume_vm {
+            vm.start()
+        } else {
+            vm.start_paused()
+        };
+        started.map_err(|e| ApiFailure::internal(e.to_string()))?;
+        self.adopt(vm);
+        Ok(Value::Null)
+    }
+}
+
+fn merge(p: &MergeDiffParams) -> ApiReply {
+    let stats = merge_diff_snapshot(
+        &p.snapshot_path,
+        &p.base_mem_file_path,
+        &p.diff_mem_file_path,
+    )
+    .map_err(|e| ApiFailure::bad_request(e.to_string()))?;
+    serde_json::to_value(&stats).map_err(|e| ApiFailure::internal(e.to_string()))
+}
