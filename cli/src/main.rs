@@ -3,6 +3,7 @@
 //! Exit codes: 0 success (the guest rebooted or powered off), 1 usage or
 //! VMM error, 2 the guest crashed (kernel panic, triple fault, KVM error).
 
+mod device_args;
 mod logger;
 mod run;
 

@@ -3,9 +3,11 @@
 
 use std::path::PathBuf;
 
+use crate::device_args;
 use clap::Args;
 use vmm::config::SerialOutput;
 use vmm::controller::Controller;
+use vmm::devices_config::{BlockConfig, NetConfig, VsockConfig};
 use vmm::profile::GuestProfile;
 use vmm::snapshot::{RestoreParams, MEMORY_FILE, STATE_FILE};
 use vmm::VmConfig;
@@ -23,7 +25,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
     /// Restore the snapshot in DIR (DIR/vmstate and DIR/memory) and resume it.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "rootfs", "cmdline", "vcpus", "mem_mib", "profile"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "kernel", "initrd", "rootfs", "cmdline", "vcpus", "mem_mib", "profile", "drive", "net", "vsock"])]
     restore: Option<PathBuf>,
     /// With --restore: leave the VM paused.
     #[arg(long, requires = "restore")]
@@ -44,6 +46,15 @@ pub struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long)]
     mem_mib: Option<u64>,
+    /// Extra disk: path=FILE[,ro][,id=NAME] (repeatable).
+    #[arg(long, value_name = "SPEC", value_parser = device_args::parse_drive)]
+    drive: Vec<BlockConfig>,
+    /// Network interface on a TAP device: tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long, value_name = "SPEC", value_parser = device_args::parse_net)]
+    net: Vec<NetConfig>,
+    /// vsock device: cid=N,uds=PATH (host side is a Unix socket).
+    #[arg(long, value_name = "SPEC", value_parser = device_args::parse_vsock)]
+    vsock: Option<VsockConfig>,
     /// Write the guest console to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     serial_log: Option<PathBuf>,
@@ -92,6 +103,11 @@ impl RunArgs {
             cfg.serial = SerialOutput::File(v.clone());
         }
         cfg.track_dirty_pages |= self.track_dirty_pages;
+        cfg.drives.extend(self.drive.iter().cloned());
+        cfg.net.extend(self.net.iter().cloned());
+        if let Some(v) = &self.vsock {
+            cfg.vsock = Some(v.clone());
+        }
         if let Some(p) = self.profile {
             cfg.profile = Some(match p {
                 ProfileArg::Standard => GuestProfile::Standard,
@@ -116,6 +132,7 @@ impl RunArgs {
                 mem_path: dir.join(MEMORY_FILE),
                 track_dirty_pages: self.track_dirty_pages,
                 serial: self.serial(),
+                overrides: Default::default(),
             };
             let mut vm = vmm::snapshot::build_from_snapshot(&params)
                 .map_err(|e| format!("cannot restore {}: {e}", dir.display()))?;

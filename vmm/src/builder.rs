@@ -98,7 +98,16 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Microvm, BuildError> {
     vm.register_memory(&mem, config.track_dirty_pages)?;
 
     let console = console_for(config)?;
-    let devices = DeviceManager::new(&vm, console.clone(), None)?;
+    let mut devices = DeviceManager::new(&vm, console.clone(), None)?;
+    for (id, disk) in config.disks() {
+        devices.add_block(&vm, &mem, id, disk)?;
+    }
+    for (i, net) in config.net.iter().enumerate() {
+        devices.add_net(&vm, &mem, format!("eth{i}"), net.clone())?;
+    }
+    if let Some(vsock) = &config.vsock {
+        devices.add_vsock(&vm, &mem, vsock.clone())?;
+    }
 
     let kernel = boot::load_kernel(&mem, &config.kernel)?;
     let initrd = config

@@ -4,11 +4,17 @@
 
 use std::path::{Path, PathBuf};
 
+use devices::virtio::block::BlockConfig;
+use devices::virtio::net::NetConfig;
+use devices::virtio::vsock::VsockConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::layout::CMDLINE_MAX_SIZE;
 use crate::memory::MAX_MEM_MIB;
 use crate::profile::GuestProfile;
+
+/// Most virtio devices a VM may have (one IOAPIC pin each).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 32;
@@ -51,6 +57,16 @@ pub struct VmConfig {
     /// Mount the root filesystem read-only.
     #[serde(default)]
     pub rootfs_read_only: bool,
+    /// Extra disks, after the root filesystem (ids `drive1`, `drive2`, ...
+    /// unless the drive's `id` is set).
+    #[serde(default)]
+    pub drives: Vec<BlockConfig>,
+    /// Network interfaces on TAP devices (ids `eth0`, `eth1`, ...).
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+    /// The vsock device (hybrid: host side on a Unix socket).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Serial console destination.
     #[serde(default)]
     pub serial: SerialOutput,
@@ -85,6 +101,10 @@ pub enum ConfigError {
     },
     #[error("kernel command line is {0} bytes with the VMM's additions; the limit is {max}", max = CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} fit")]
+    TooManyDevices(usize),
+    #[error("vsock guest_cid must be between 3 and 4294967295, got {0}")]
+    VsockCid(u64),
     #[error("cannot read config file {path}: {reason}")]
     File { path: String, reason: String },
 }
@@ -100,6 +120,9 @@ impl VmConfig {
             mem_mib: default_mem_mib(),
             rootfs: None,
             rootfs_read_only: false,
+            drives: Vec::new(),
+            net: Vec::new(),
+            vsock: None,
             serial: SerialOutput::default(),
             track_dirty_pages: false,
             profile: None,
@@ -131,6 +154,21 @@ impl VmConfig {
         if let Some(rootfs) = &self.rootfs {
             check_file("rootfs", rootfs)?;
         }
+        for drive in &self.drives {
+            check_file("drive", &drive.path)?;
+        }
+        let virtio = self.drives.len()
+            + self.net.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rootfs.is_some());
+        if virtio > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(virtio));
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.guest_cid < 3 || vsock.guest_cid > u64::from(u32::MAX) {
+                return Err(ConfigError::VsockCid(vsock.guest_cid));
+            }
+        }
         if let SerialOutput::File(path) = &self.serial {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 if !dir.is_dir() {
@@ -143,6 +181,27 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+
+    /// The disks in device order with their ids: the root filesystem
+    /// (`rootfs`) first, then `drives`.
+    pub fn disks(&self) -> Vec<(String, BlockConfig)> {
+        let mut out = Vec::new();
+        if let Some(path) = &self.rootfs {
+            out.push((
+                "rootfs".to_string(),
+                BlockConfig {
+                    path: path.clone(),
+                    read_only: self.rootfs_read_only,
+                    id: Some("rootfs".into()),
+                },
+            ));
+        }
+        for (i, d) in self.drives.iter().enumerate() {
+            let id = d.id.clone().unwrap_or_else(|| format!("drive{}", i + 1));
+            out.push((id, d.clone()));
+        }
+        out
     }
 
     /// The profile in effect.

@@ -17,6 +17,7 @@ use crate::api::{
     CreateSnapshotParams, LoadSnapshotParams, MemBackendType, MergeDiffParams,
 };
 use crate::config::SerialOutput;
+use crate::device_manager::RestoreOverrides;
 use crate::microvm::Microvm;
 use crate::snapshot::{build_from_snapshot, merge_diff_snapshot, RestoreParams};
 use crate::stop::StopReason;
@@ -232,6 +233,19 @@ impl Controller {
             mem_path: p.mem_backend.backend_path.clone(),
             track_dirty_pages: p.track_dirty_pages,
             serial: self.serial.clone(),
+            overrides: RestoreOverrides {
+                drives: p
+                    .drive_overrides
+                    .iter()
+                    .map(|d| (d.drive_id.clone(), d.path_on_host.clone()))
+                    .collect(),
+                taps: p
+                    .network_overrides
+                    .iter()
+                    .map(|n| (n.iface_id.clone(), n.host_dev_name.clone()))
+                    .collect(),
+                vsock_uds: p.vsock_override.as_ref().map(|v| v.uds_path.clone()),
+            },
         };
         let mut vm =
             build_from_snapshot(&params).map_err(|e| ApiFailure::bad_request(e.to_string()))?;

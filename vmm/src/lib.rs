@@ -19,6 +19,13 @@ pub mod stop;
 pub mod vcpu;
 pub mod vm;
 
+/// Device configurations, as users give them.
+pub mod devices_config {
+    pub use devices::virtio::block::BlockConfig;
+    pub use devices::virtio::net::{MacAddr, NetConfig};
+    pub use devices::virtio::vsock::VsockConfig;
+}
+
 pub use builder::{build_for_boot, BuildError};
 pub use config::VmConfig;
 pub use microvm::Microvm;

@@ -90,6 +90,9 @@ impl Microvm {
         events.add_subscriber(Arc::new(Mutex::new(SerialInput {
             serial: parts.devices.serial.clone(),
         })));
+        for device in parts.devices.subscribers() {
+            events.add_subscriber(device);
+        }
         Ok(Self {
             config: parts.config,
             vm: parts.vm,

@@ -18,7 +18,7 @@ use crate::arch::vcpu_state::{self, VcpuState};
 use crate::arch::vm_state::{self, VmState};
 use crate::builder::{self, BuildError};
 use crate::config::VmConfig;
-use crate::device_manager::{DeviceManager, DevicesState};
+use crate::device_manager::{DeviceManager, DevicesState, RestoreOverrides};
 use crate::microvm::{LifecycleError, Microvm, MicrovmParts, VmState as LifecycleState};
 use crate::stop::VmStop;
 use crate::vm::{open_kvm, Vm};
@@ -227,6 +227,8 @@ pub struct RestoreParams {
     pub track_dirty_pages: bool,
     /// Where the restored guest's console goes.
     pub serial: crate::config::SerialOutput,
+    /// Host resources to use instead of the saved ones.
+    pub overrides: RestoreOverrides,
 }
 
 /// Why a restore failed.
@@ -279,8 +281,18 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         .map_err(BuildError::from)?;
 
     let console = builder::console_for(&config)?;
-    let devices =
+    let mut devices =
         DeviceManager::new(&vm, console.clone(), Some(&state.devices)).map_err(BuildError::from)?;
+    let unknown = params.overrides.unknown_ids(&state.devices.virtio);
+    if !unknown.is_empty() {
+        return Err(RestoreError::Inconsistent(format!(
+            "overrides name devices the snapshot does not have: {}",
+            unknown.join(", ")
+        )));
+    }
+    devices
+        .restore_virtio(&vm, &mem, &state.devices.virtio, &params.overrides)
+        .map_err(BuildError::from)?;
     let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
     let vcpus = builder::create_vcpus(&vm, &devices, &stop, config.vcpus, |index, fd| {
         vcpu_state::restore(fd, &state.vcpus[usize::from(index)]).map_err(BuildError::from)
