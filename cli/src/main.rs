@@ -3,6 +3,7 @@
 //! Exit codes: 0 success (the guest rebooted or powered off), 1 usage or
 //! VMM error, 2 the guest crashed (kernel panic, triple fault, KVM error).
 
+mod agent;
 mod device_args;
 mod logger;
 mod run;
@@ -20,6 +21,8 @@ struct Cli {
 enum Command {
     /// Boot a VM in the foreground; the guest's console is on stdout.
     Run(run::RunArgs),
+    /// Talk to the guest agent of a running VM over its vsock socket.
+    Agent(agent::AgentArgs),
 }
 
 fn main() {
@@ -27,6 +30,7 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Agent(args) => agent::run(args),
     };
     std::process::exit(code);
 }
