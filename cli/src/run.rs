@@ -9,7 +9,7 @@ use vmm::config::SerialOutput;
 use vmm::controller::Controller;
 use vmm::devices_config::{BlockConfig, NetConfig, VsockConfig};
 use vmm::profile::GuestProfile;
-use vmm::snapshot::{RestoreParams, MEMORY_FILE, STATE_FILE};
+use vmm::snapshot::{MemoryBackend, RestoreParams, MEMORY_FILE, STATE_FILE};
 use vmm::VmConfig;
 
 #[derive(Args, Debug)]
@@ -129,7 +129,7 @@ impl RunArgs {
         if let Some(dir) = &self.restore {
             let params = RestoreParams {
                 state_path: dir.join(STATE_FILE),
-                mem_path: dir.join(MEMORY_FILE),
+                memory: MemoryBackend::File(dir.join(MEMORY_FILE)),
                 track_dirty_pages: self.track_dirty_pages,
                 serial: self.serial(),
                 overrides: Default::default(),

@@ -145,6 +145,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Microvm, BuildError> {
         stop,
         vcpus,
         msr_indices: Arc::new(msr_indices(&kvm)?),
+        lazy: None,
     })
 }
 

@@ -18,8 +18,9 @@ use crate::api::{
 };
 use crate::config::SerialOutput;
 use crate::device_manager::RestoreOverrides;
+use crate::lazy::LazyOptions;
 use crate::microvm::Microvm;
-use crate::snapshot::{build_from_snapshot, merge_diff_snapshot, RestoreParams};
+use crate::snapshot::{build_from_snapshot, merge_diff_snapshot, MemoryBackend, RestoreParams};
 use crate::stop::StopReason;
 
 /// The API server and the VMM's end of its channel.
@@ -199,6 +200,21 @@ impl Controller {
             ApiAction::LoadSnapshot(p) => self.load_snapshot(&p),
             ApiAction::MergeDiff(p) => merge(&p),
             ApiAction::Stop => Ok(Value::Null),
+            ApiAction::SaveWorkingSet => {
+                let lazy = self.vm_mut()?.lazy_memory().ok_or_else(|| {
+                    ApiFailure::bad_request("this VM was not restored with the Uffd backend")
+                })?;
+                let pages = lazy
+                    .save_working_set()
+                    .map_err(|e| ApiFailure::internal(e.to_string()))?;
+                Ok(json!({ "pages": pages }))
+            }
+            ApiAction::MemoryStats => {
+                let lazy = self.vm_mut()?.lazy_memory().ok_or_else(|| {
+                    ApiFailure::bad_request("this VM was not restored with the Uffd backend")
+                })?;
+                serde_json::to_value(lazy.stats()).map_err(|e| ApiFailure::internal(e.to_string()))
+            }
         }
     }
 
@@ -222,15 +238,20 @@ impl Controller {
                 "a VM is already running in this VMM; load a snapshot into a new VMM process",
             ));
         }
-        if p.mem_backend.backend_type != MemBackendType::File {
-            return Err(ApiFailure::new(
-                501,
-                "the Uffd memory backend is not supported yet",
-            ));
-        }
+
         let params = RestoreParams {
             state_path: p.snapshot_path.clone(),
-            mem_path: p.mem_backend.backend_path.clone(),
+            memory: match p.mem_backend.backend_type {
+                MemBackendType::File => MemoryBackend::File(p.mem_backend.backend_path.clone()),
+                MemBackendType::Uffd => MemoryBackend::Uffd {
+                    path: p.mem_backend.backend_path.clone(),
+                    options: LazyOptions {
+                        prefetch: p.working_set.prefetch,
+                        record_ms: p.working_set.record_ms,
+                        background_fill: p.working_set.background_fill,
+                    },
+                },
+            },
             track_dirty_pages: p.track_dirty_pages,
             serial: self.serial.clone(),
             overrides: RestoreOverrides {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod console;
 pub mod controller;
 pub mod device_manager;
+pub mod lazy;
 pub mod memory;
 pub mod microvm;
 pub mod profile;

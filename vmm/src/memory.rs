@@ -69,9 +69,15 @@ fn bitmap_region(
 /// Anonymous guest RAM of `mem_mib` MiB laid out around the MMIO gap.
 pub fn create_anonymous(mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     let size = check_size(mem_mib)?;
-    let regions = layout::ram_ranges(size)
-        .into_iter()
-        .map(|(addr, len)| {
+    anonymous_regions(&layout::ram_ranges(size))
+}
+
+/// Anonymous guest RAM with the given `(guest_addr, size)` regions (a
+/// snapshot's layout, for lazy restore).
+pub fn anonymous_regions(ranges: &[(u64, u64)]) -> Result<GuestMemoryMmap, MemoryError> {
+    let regions = ranges
+        .iter()
+        .map(|&(addr, len)| {
             let builder = MmapRegionBuilder::new_with_bitmap(
                 len as usize,
                 AtomicBitmap::with_len(len as usize),

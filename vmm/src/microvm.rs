@@ -17,6 +17,7 @@ use crate::builder::BuildError;
 use crate::config::VmConfig;
 use crate::console::Console;
 use crate::device_manager::DeviceManager;
+use crate::lazy::LazyMemory;
 use crate::stop::{StopReason, VmStop};
 use crate::vcpu::{Vcpu, VcpuError, VcpuHandle, VcpuRequest, VcpuResponse};
 use crate::vm::Vm;
@@ -63,6 +64,7 @@ pub(crate) struct MicrovmParts {
     pub stop: Arc<VmStop>,
     pub vcpus: Vec<Vcpu>,
     pub msr_indices: Arc<Vec<u32>>,
+    pub lazy: Option<LazyMemory>,
 }
 
 /// A VM ready to run or running.
@@ -79,6 +81,8 @@ pub struct Microvm {
     state: VmState,
     /// MSRs saved with each vCPU (KVM_GET_MSR_INDEX_LIST).
     pub(crate) msr_indices: Arc<Vec<u32>>,
+    /// The page server, for a lazily restored VM.
+    pub(crate) lazy: Option<LazyMemory>,
 }
 
 impl Microvm {
@@ -105,6 +109,7 @@ impl Microvm {
             events,
             state: VmState::NotStarted,
             msr_indices: parts.msr_indices,
+            lazy: parts.lazy,
         })
     }
 
@@ -155,6 +160,11 @@ impl Microvm {
         for vcpu in self.unstarted.drain(..) {
             self.vcpus.push(vcpu.start(paused)?);
         }
+        if !paused {
+            if let Some(lazy) = self.lazy.as_mut() {
+                lazy.start_background_fill();
+            }
+        }
         self.state = if paused {
             VmState::Paused
         } else {
@@ -181,6 +191,9 @@ impl Microvm {
             return Err(LifecycleError::State(self.state, "paused"));
         }
         self.broadcast(|| VcpuRequest::Resume, "resume", VcpuResponse::Resumed)?;
+        if let Some(lazy) = self.lazy.as_mut() {
+            lazy.start_background_fill();
+        }
         self.state = VmState::Running;
         Ok(())
     }
@@ -220,6 +233,11 @@ impl Microvm {
         }
         if let Err(e) = self.console.sync() {
             log::warn!("console output: {e}");
+        }
+        if let Some(lazy) = self.lazy.as_mut() {
+            if let Err(e) = lazy.tick() {
+                self.stop.report(StopReason::VmmError(e));
+            }
         }
         let panic = self.console.panic();
         if let Some((line, since)) = &panic {
@@ -262,6 +280,11 @@ impl Microvm {
             let _ = serial.flush();
         }
         let _ = self.console.sync();
+    }
+
+    /// The page server of a lazily restored VM.
+    pub fn lazy_memory(&mut self) -> Option<&mut LazyMemory> {
+        self.lazy.as_mut()
     }
 
     /// Records a stop requested from outside (signal, API).

@@ -19,6 +19,7 @@ use crate::arch::vm_state::{self, VmState};
 use crate::builder::{self, BuildError};
 use crate::config::VmConfig;
 use crate::device_manager::{DeviceManager, DevicesState, RestoreOverrides};
+use crate::lazy::{LazyMemory, LazyOptions};
 use crate::microvm::{LifecycleError, Microvm, MicrovmParts, VmState as LifecycleState};
 use crate::stop::VmStop;
 use crate::vm::{open_kvm, Vm};
@@ -115,6 +116,13 @@ impl Microvm {
         let vm = vm_state::save(self.vm.fd())?;
         let t_state = t0.elapsed();
 
+        if let Some(lazy) = &self.lazy {
+            // Pages the page server has not filled yet are the memory
+            // file's, not zero: bring them all in before writing.
+            lazy.populate_all().map_err(|e| {
+                SnapshotError::DirtyLog(format!("populating lazily restored memory: {e}"))
+            })?;
+        }
         let layout = MemoryLayout::from_memory(&self.mem);
         let dirty = self.take_dirty_pages(&layout)?;
         let mem_err = |source| SnapshotError::Memory {
@@ -218,11 +226,30 @@ impl Microvm {
     }
 }
 
+/// Where a restored VM's memory comes from.
+#[derive(Debug, Clone)]
+pub enum MemoryBackend {
+    /// Mapped copy-on-write from the memory file (MAP_PRIVATE).
+    File(PathBuf),
+    /// Anonymous memory filled on demand from the memory file by the
+    /// userfaultfd page server.
+    Uffd { path: PathBuf, options: LazyOptions },
+}
+
+impl MemoryBackend {
+    /// The memory file.
+    pub fn path(&self) -> &Path {
+        match self {
+            MemoryBackend::File(p) | MemoryBackend::Uffd { path: p, .. } => p,
+        }
+    }
+}
+
 /// How to restore.
 #[derive(Debug, Clone)]
 pub struct RestoreParams {
     pub state_path: PathBuf,
-    pub mem_path: PathBuf,
+    pub memory: MemoryBackend,
     /// Keep tracking dirty pages (for diff snapshots of the restored VM).
     pub track_dirty_pages: bool,
     /// Where the restored guest's console goes.
@@ -242,6 +269,28 @@ pub enum RestoreError {
     Inconsistent(String),
     #[error(transparent)]
     Build(#[from] BuildError),
+    #[error("lazy restore: {0}")]
+    Lazy(String),
+    #[error("memory file {path}: {reason}")]
+    MemoryFile { path: PathBuf, reason: String },
+}
+
+/// The memory file must cover the snapshot's whole layout.
+fn check_memory_file(path: &Path, layout: &MemoryLayout) -> Result<(), RestoreError> {
+    let err = |reason: String| RestoreError::MemoryFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let len = std::fs::metadata(path)
+        .map_err(|e| err(e.to_string()))?
+        .len();
+    let need = layout.total_size();
+    if len < need {
+        return Err(err(format!(
+            "has {len} bytes, the snapshot's memory needs {need}"
+        )));
+    }
+    Ok(())
 }
 
 /// Builds a new VM from a snapshot; its vCPUs start paused.
@@ -274,8 +323,20 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         .iter()
         .map(|r| (r.guest_addr, r.size, r.file_offset))
         .collect();
-    let mem =
-        crate::memory::map_file_private(&params.mem_path, &regions).map_err(BuildError::from)?;
+    let (mem, lazy) = match &params.memory {
+        MemoryBackend::File(path) => (
+            crate::memory::map_file_private(path, &regions).map_err(BuildError::from)?,
+            None,
+        ),
+        MemoryBackend::Uffd { path, options } => {
+            check_memory_file(path, &state.memory_layout)?;
+            let ranges: Vec<(u64, u64)> = regions.iter().map(|r| (r.0, r.1)).collect();
+            let mem = crate::memory::anonymous_regions(&ranges).map_err(BuildError::from)?;
+            let lazy = LazyMemory::start(&mem, path, options)
+                .map_err(|e| RestoreError::Lazy(e.to_string()))?;
+            (mem, Some(lazy))
+        }
+    };
     let mut vm = Vm::new(&kvm).map_err(BuildError::from)?;
     vm.register_memory(&mem, config.track_dirty_pages)
         .map_err(BuildError::from)?;
@@ -308,6 +369,7 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         stop,
         vcpus,
         msr_indices,
+        lazy,
     })?)
 }
 

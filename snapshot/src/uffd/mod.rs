@@ -11,6 +11,7 @@
 mod ioctl;
 mod server;
 mod source;
+pub mod working_set;
 
 use std::io;
 use std::path::PathBuf;

@@ -69,6 +69,9 @@ fn fake_vmm(rx: mpsc::Receiver<ApiRequest>, wake: EventFd) -> JoinHandle<Vec<Api
                     ApiAction::CreateSnapshot(_) => Ok(Value::Null),
                     ApiAction::LoadSnapshot(p) => Ok(serde_json::to_value(p).unwrap()),
                     ApiAction::MergeDiff(_) => Err(ApiFailure::new(42, "odd status")),
+                    ApiAction::SaveWorkingSet | ApiAction::MemoryStats => {
+                        Err(ApiFailure::bad_request("not a lazily restored VM"))
+                    }
                     ApiAction::Stop => {
                         let _ = req.reply.send(Ok(Value::Null));
                         return seen;

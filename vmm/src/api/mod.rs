@@ -24,7 +24,7 @@ pub use server::{ApiServer, ApiServerHandle};
 pub use types::{
     ActionBody, ActionType, CreateSnapshotParams, DriveOverride, Fault, LoadSnapshotParams,
     MemBackend, MemBackendType, MergeDiffParams, NetworkOverride, PatchVm, SnapshotType,
-    VersionInfo, VmStateChange, VsockOverride,
+    VersionInfo, VmStateChange, VsockOverride, WorkingSetParams,
 };
 
 /// Version of the API shapes; bumped on incompatible changes.
@@ -53,6 +53,10 @@ pub enum ApiAction {
     MergeDiff(MergeDiffParams),
     /// `PUT /actions {"action_type": "Stop"}`: end the VMM gracefully.
     Stop,
+    /// `PUT /actions {"action_type": "SaveWorkingSet"}`.
+    SaveWorkingSet,
+    /// `GET /snapshot/memory-stats`: the page server's counters.
+    MemoryStats,
 }
 
 /// What the VMM answers: a JSON body (`Value::Null` means 204 No Content), or

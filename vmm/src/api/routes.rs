@@ -16,6 +16,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/snapshot/create", "PUT"),
     ("/snapshot/load", "PUT"),
     ("/snapshot/merge", "PUT"),
+    ("/snapshot/memory-stats", "GET"),
     ("/actions", "PUT"),
     ("/version", "GET"),
 ];
@@ -66,7 +67,9 @@ fn route_inner(req: &Request) -> Result<ApiAction, Response> {
         }
         ("PUT", "/actions") => match body::<ActionBody>(&req.body)?.action_type {
             ActionType::Stop => Ok(ApiAction::Stop),
+            ActionType::SaveWorkingSet => Ok(ApiAction::SaveWorkingSet),
         },
+        ("GET", "/snapshot/memory-stats") => Ok(ApiAction::MemoryStats),
         ("GET", "/version") => Err(version()),
         (method, _) => {
             let mut resp = Response::fault(

@@ -96,6 +96,39 @@ pub struct LoadSnapshotParams {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
     pub drive_overrides: Vec<DriveOverride>,
+    /// Working-set handling of the `Uffd` backend.
+    pub working_set: WorkingSetParams,
+}
+
+/// How a `Uffd` restore uses the snapshot's working set (the pages a guest
+/// touched first after an earlier restore, kept beside the memory file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingSetParams {
+    /// Prefetch the saved working set, if there is one, before resuming.
+    #[serde(default = "yes")]
+    pub prefetch: bool,
+    /// Record the pages touched in the first this-many milliseconds and save
+    /// them as the working set (0: only on `PUT /actions SaveWorkingSet`).
+    #[serde(default)]
+    pub record_ms: u64,
+    /// Fill the remaining pages in the background after resuming.
+    #[serde(default = "yes")]
+    pub background_fill: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for WorkingSetParams {
+    fn default() -> Self {
+        Self {
+            prefetch: true,
+            record_ms: 0,
+            background_fill: true,
+        }
+    }
 }
 
 /// What `PUT /snapshot/load` accepts on the wire, before the old and new
@@ -118,6 +151,8 @@ struct LoadSnapshotWire {
     vsock_override: Option<VsockOverride>,
     #[serde(default)]
     drive_overrides: Vec<DriveOverride>,
+    #[serde(default)]
+    working_set: WorkingSetParams,
 }
 
 impl TryFrom<LoadSnapshotWire> for LoadSnapshotParams {
@@ -143,6 +178,7 @@ impl TryFrom<LoadSnapshotWire> for LoadSnapshotParams {
             network_overrides: w.network_overrides,
             vsock_override: w.vsock_override,
             drive_overrides: w.drive_overrides,
+            working_set: w.working_set,
         })
     }
 }
@@ -163,6 +199,9 @@ pub struct MergeDiffParams {
 pub enum ActionType {
     /// End the VMM gracefully.
     Stop,
+    /// Stop recording the working set of a `Uffd` restore and save it now
+    /// (e.g. when the guest is ready).
+    SaveWorkingSet,
 }
 
 /// Body of `PUT /actions`.
