@@ -78,49 +78,80 @@ impl From<AtomicWriteError> for io::Error {
     }
 }
 
-/// Replaces `path` with what `write` puts into a fresh, empty file.
-///
-/// `write` receives the temporary file (opened read-write, mode 0600); its
-/// error is returned unchanged and the temporary file is removed. Failures of
-/// the surrounding steps are converted into `E` from [`AtomicWriteError`], so a
-/// plain `io::Result` writer works as well as a richer error type.
+/// Replaces `path` atomically with what `write` puts in the file it is
+/// given: a temporary file in the same directory, synced, renamed over
+/// `path`, then the directory synced. On any error (or a panic in `write`)
+/// the temporary file is removed and `path` is untouched.
 pub fn write_atomic<T, E, F>(path: &Path, write: F) -> Result<T, E>
 where
     F: FnOnce(&mut File) -> Result<T, E>,
     E: From<AtomicWriteError>,
 {
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| AtomicWriteError::InvalidPath {
-            path: path.to_path_buf(),
-        })?;
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let mut pending = PendingFile::create(path)?;
+    let value = write(pending.file())?;
+    pending.commit()?;
+    Ok(value)
+}
 
-    let (mut file, temp) = create_temp(&dir, file_name)?;
-    let value = write(&mut file)?;
-    file.sync_all().map_err(|source| AtomicWriteError::Sync {
-        path: temp.path.clone(),
-        source,
-    })?;
-    drop(file);
+/// A replacement for a file that is being written, possibly over a long
+/// time or from another thread: [`PendingFile::commit`] puts it in place
+/// atomically; dropping it uncommitted removes it and leaves the target
+/// untouched.
+pub struct PendingFile {
+    file: File,
+    target: PathBuf,
+    dir: PathBuf,
+    temp: TempGuard,
+}
 
-    fs::rename(&temp.path, path).map_err(|source| AtomicWriteError::Rename {
-        from: temp.path.clone(),
-        to: path.to_path_buf(),
-        source,
-    })?;
-    temp.disarm();
+impl PendingFile {
+    /// Creates the temporary file beside `path`.
+    pub fn create(path: &Path) -> Result<Self, AtomicWriteError> {
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| AtomicWriteError::InvalidPath {
+                path: path.to_path_buf(),
+            })?;
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let (file, temp) = create_temp(&dir, file_name)?;
+        Ok(Self {
+            file,
+            target: path.to_path_buf(),
+            dir,
+            temp,
+        })
+    }
 
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| AtomicWriteError::SyncDir {
-            path: path.to_path_buf(),
+    /// The file being written.
+    pub fn file(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// Syncs the file, renames it over the target and syncs the directory.
+    pub fn commit(self) -> Result<(), AtomicWriteError> {
+        self.file
+            .sync_all()
+            .map_err(|source| AtomicWriteError::Sync {
+                path: self.temp.path.clone(),
+                source,
+            })?;
+        drop(self.file);
+        fs::rename(&self.temp.path, &self.target).map_err(|source| AtomicWriteError::Rename {
+            from: self.temp.path.clone(),
+            to: self.target.clone(),
             source,
         })?;
-    Ok(value)
+        self.temp.disarm();
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| AtomicWriteError::SyncDir {
+                path: self.target.clone(),
+                source,
+            })
+    }
 }
 
 /// Removes the temporary file on drop unless it was renamed into place.

@@ -53,6 +53,8 @@ pub struct Controller {
     /// Console destination for a VM loaded through the API.
     serial: SerialOutput,
     stop: Option<StopReason>,
+    /// Who to answer when the live snapshot in progress ends.
+    live_reply: Option<std::sync::mpsc::Sender<ApiReply>>,
 }
 
 impl Controller {
@@ -88,6 +90,7 @@ impl Controller {
             api,
             serial,
             stop: None,
+            live_reply: None,
         };
         if let Some(vm) = vm {
             controller.adopt(vm);
@@ -119,6 +122,17 @@ impl Controller {
                 Some(vm) => {
                     if let Some(reason) = vm.run_once() {
                         self.stop.get_or_insert(reason);
+                    }
+                    if let Some(result) = vm.poll_live_snapshot() {
+                        let reply = result
+                            .map_err(|e| ApiFailure::internal(e.to_string()))
+                            .and_then(|stats| {
+                                serde_json::to_value(&stats)
+                                    .map_err(|e| ApiFailure::internal(e.to_string()))
+                            });
+                        if let Some(tx) = self.live_reply.take() {
+                            let _ = tx.send(reply);
+                        }
                     }
                 }
                 None => self.wait_for_api(),
@@ -162,6 +176,18 @@ impl Controller {
     }
 
     fn handle(&mut self, req: ApiRequest) {
+        if let ApiAction::CreateSnapshot(p) = &req.action {
+            if p.snapshot_type == crate::snapshot::SnapshotType::Live {
+                // Answered when the copy ends; the loop keeps running.
+                match self.begin_live(p) {
+                    Ok(()) => self.live_reply = Some(req.reply),
+                    Err(e) => {
+                        let _ = req.reply.send(Err(e));
+                    }
+                }
+                return;
+            }
+        }
         let is_stop = req.action == ApiAction::Stop;
         let reply = self.dispatch(req.action);
         // The client may have given up; the VMM goes on regardless.
@@ -216,6 +242,18 @@ impl Controller {
                 serde_json::to_value(lazy.stats()).map_err(|e| ApiFailure::internal(e.to_string()))
             }
         }
+    }
+
+    fn begin_live(&mut self, p: &CreateSnapshotParams) -> Result<(), ApiFailure> {
+        let vm = self.vm_mut()?;
+        vm.begin_live_snapshot(&p.snapshot_path, &p.mem_file_path)
+            .map(|_| ())
+            .map_err(|e| match e {
+                crate::snapshot::SnapshotError::LiveNeedsRunning
+                | crate::snapshot::SnapshotError::LiveInProgress
+                | crate::snapshot::SnapshotError::Live(_) => ApiFailure::bad_request(e.to_string()),
+                other => ApiFailure::internal(other.to_string()),
+            })
     }
 
     fn create_snapshot(&mut self, p: &CreateSnapshotParams) -> ApiReply {

@@ -12,6 +12,7 @@ pub mod console;
 pub mod controller;
 pub mod device_manager;
 pub mod lazy;
+pub mod live_snapshot;
 pub mod memory;
 pub mod microvm;
 pub mod profile;

@@ -27,6 +27,7 @@ use crate::vm::Vm;
 const PANIC_GRACE: Duration = Duration::from_secs(10);
 /// Event loop tick: flushes partial console lines, checks the panic grace.
 const TICK_MS: i32 = 100;
+const LIVE_TICK_MS: i32 = 2;
 
 /// Shared subscriber type of the event loop.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -83,6 +84,8 @@ pub struct Microvm {
     pub(crate) msr_indices: Arc<Vec<u32>>,
     /// The page server, for a lazily restored VM.
     pub(crate) lazy: Option<LazyMemory>,
+    /// A live snapshot being written.
+    pub(crate) live: Option<crate::live_snapshot::LiveSnapshot>,
 }
 
 impl Microvm {
@@ -110,6 +113,7 @@ impl Microvm {
             state: VmState::NotStarted,
             msr_indices: parts.msr_indices,
             lazy: parts.lazy,
+            live: None,
         })
     }
 
@@ -227,7 +231,13 @@ impl Microvm {
     /// Runs one round of the event loop (at most one tick long); returns the
     /// stop reason once the VM must end.
     pub fn run_once(&mut self) -> Option<StopReason> {
-        if let Err(e) = self.events.run_with_timeout(TICK_MS) {
+        // Tick fast while a live snapshot copies, to answer as soon as it ends.
+        let tick = if self.live.is_some() {
+            LIVE_TICK_MS
+        } else {
+            TICK_MS
+        };
+        if let Err(e) = self.events.run_with_timeout(tick) {
             self.stop
                 .report(StopReason::VmmError(format!("event loop: {e}")));
         }

@@ -36,6 +36,9 @@ pub enum SnapshotType {
     Full,
     /// Only pages written since the previous snapshot (needs dirty tracking).
     Diff,
+    /// All of guest memory, copied while the guest runs: the VM pauses only
+    /// to save its state and write-protect memory (the VM must be running).
+    Live,
 }
 
 /// What the memory file of a snapshot holds.
@@ -69,6 +72,12 @@ pub enum SnapshotError {
     NotPaused(LifecycleState),
     #[error("diff snapshots need dirty page tracking (track_dirty_pages)")]
     NoDirtyTracking,
+    #[error("a live snapshot is taken of a running VM: resume it first")]
+    LiveNeedsRunning,
+    #[error("a live snapshot is still being written")]
+    LiveInProgress,
+    #[error("live snapshot: {0}")]
+    Live(#[from] snapshot::LiveError),
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
     #[error("saving vCPU {index}: {message}")]
@@ -105,15 +114,16 @@ impl Microvm {
         mem_path: &Path,
     ) -> Result<SnapshotStats, SnapshotError> {
         let t0 = Instant::now();
+        if kind == SnapshotType::Live {
+            return Err(SnapshotError::LiveNeedsRunning);
+        }
         if self.state() != LifecycleState::Paused {
             return Err(SnapshotError::NotPaused(self.state()));
         }
         if kind == SnapshotType::Diff && !self.vm.dirty_tracking() {
             return Err(SnapshotError::NoDirtyTracking);
         }
-        let devices = self.devices.save();
-        let vcpus = self.save_vcpus()?;
-        let vm = vm_state::save(self.vm.fd())?;
+        let (devices, vcpus, vm) = self.capture_state()?;
         let t_state = t0.elapsed();
 
         if let Some(lazy) = &self.lazy {
@@ -135,7 +145,7 @@ impl Microvm {
                 (stats, MemoryFile::Diff { dirty })
             }
             (SnapshotType::Diff, None) => return Err(SnapshotError::NoDirtyTracking),
-            (SnapshotType::Full, _) => {
+            (SnapshotType::Full | SnapshotType::Live, _) => {
                 // A file-mapped (restored) VM's untouched pages are the
                 // file's, not zero: scan them by content.
                 let stats = snapshot::write_full(mem_path, &self.mem).map_err(mem_err)?;
@@ -159,6 +169,16 @@ impl Microvm {
             state_file: t_file.elapsed(),
             total: t0.elapsed(),
         })
+    }
+
+    /// Saves devices, then vCPUs, then the VM; every vCPU must be paused.
+    pub(crate) fn capture_state(
+        &self,
+    ) -> Result<(DevicesState, Vec<VcpuState>, VmState), SnapshotError> {
+        let devices = self.devices.save();
+        let vcpus = self.save_vcpus()?;
+        let vm = vm_state::save(self.vm.fd())?;
+        Ok((devices, vcpus, vm))
     }
 
     fn save_vcpus(&self) -> Result<Vec<VcpuState>, SnapshotError> {
@@ -198,7 +218,7 @@ impl Microvm {
 
     /// Pages written since the last snapshot (KVM's log, which this read
     /// resets, plus the VMM's own writes), or None without dirty tracking.
-    fn take_dirty_pages(
+    pub(crate) fn take_dirty_pages(
         &self,
         layout: &MemoryLayout,
     ) -> Result<Option<DirtyBitmap>, SnapshotError> {

@@ -432,12 +432,18 @@ impl VcpuHandle {
     }
 
     /// Ends the thread and waits for it.
+    /// A thread that does not answer in time (stuck in KVM, e.g. on a page
+    /// nobody will serve) is left behind rather than waited for forever;
+    /// the process is about to end anyway.
     pub fn exit(mut self) {
-        if self.send(VcpuRequest::Exit).is_ok() {
-            let _ = self.receive("exit", RESPONSE_TIMEOUT);
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let answered =
+            self.send(VcpuRequest::Exit).is_ok() && self.receive("exit", RESPONSE_TIMEOUT).is_ok();
+        match self.thread.take() {
+            Some(t) if answered => {
+                let _ = t.join();
+            }
+            Some(_) => log::error!("vCPU {} did not stop; leaving its thread", self.index),
+            None => {}
         }
     }
 }

@@ -17,9 +17,9 @@ use crate::atomic::write_atomic;
 /// a 256 KiB buffer).
 const PAGEMAP_CHUNK_PAGES: u64 = 32 * 1024;
 /// Pagemap entry: page present in RAM.
-const PM_PRESENT: u64 = 1 << 63;
+pub(crate) const PM_PRESENT: u64 = 1 << 63;
 /// Pagemap entry: page swapped out.
-const PM_SWAPPED: u64 = 1 << 62;
+pub(crate) const PM_SWAPPED: u64 = 1 << 62;
 
 /// How `write_full` decides that a page is zero.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -207,19 +207,24 @@ impl<'a> RunWriter<'a> {
 }
 
 /// `/proc/self/pagemap`, one 64-bit entry per virtual page of this process.
-struct Pagemap {
+pub(crate) struct Pagemap {
     file: File,
 }
 
 impl Pagemap {
-    fn open() -> Option<Self> {
+    pub(crate) fn open() -> Option<Self> {
         File::open("/proc/self/pagemap")
             .ok()
             .map(|file| Self { file })
     }
 
     /// Reads the entries of `pages` pages from `host_addr` into `out`.
-    fn read(&self, host_addr: u64, pages: u64, out: &mut Vec<u64>) -> Result<(), MemoryError> {
+    pub(crate) fn read(
+        &self,
+        host_addr: u64,
+        pages: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<(), MemoryError> {
         let mut raw = vec![0u8; (pages * 8) as usize];
         self.file
             .read_exact_at(&mut raw, host_addr / PAGE_SIZE * 8)
