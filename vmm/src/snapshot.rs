@@ -336,6 +336,8 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
     config.track_dirty_pages = params.track_dirty_pages;
     config.serial = params.serial.clone();
 
+    let t = Instant::now();
+    let phase = |what: &str| log::debug!("restore: {what} done at {:?}", t.elapsed());
     let kvm = open_kvm().map_err(BuildError::from)?;
     let regions: Vec<(u64, u64, u64)> = state
         .memory_layout
@@ -357,10 +359,13 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
             (mem, Some(lazy))
         }
     };
+    phase("memory mapped");
     let mut vm = Vm::new(&kvm).map_err(BuildError::from)?;
+    phase("VM created");
     vm.register_memory(&mem, config.track_dirty_pages)
         .map_err(BuildError::from)?;
 
+    phase("memory registered");
     let console = builder::console_for(&config)?;
     let mut devices =
         DeviceManager::new(&vm, console.clone(), Some(&state.devices)).map_err(BuildError::from)?;
@@ -375,10 +380,13 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         .restore_virtio(&vm, &mem, &state.devices.virtio, &params.overrides)
         .map_err(BuildError::from)?;
     let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
+    phase("devices restored");
     let vcpus = builder::create_vcpus(&vm, &devices, &stop, config.vcpus, |index, fd| {
         vcpu_state::restore(fd, &state.vcpus[usize::from(index)]).map_err(BuildError::from)
     })?;
+    phase("vCPUs restored");
     vm_state::restore(vm.fd(), &state.vm).map_err(BuildError::from)?;
+    phase("VM state restored");
     let msr_indices = Arc::new(builder::msr_indices(&kvm)?);
     Ok(Microvm::new(MicrovmParts {
         config,
