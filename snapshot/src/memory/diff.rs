@@ -21,9 +21,9 @@ const MERGE_CHUNK_BYTES: u64 = 8 << 20;
 /// Writes the pages `dirty` names to `path`, atomically, each at its offset
 /// in the full layout; the file has the full length and holes elsewhere.
 ///
-/// Dirty pages are written as data even when they are now zero: the bitmap,
-/// not the holes, says which pages the diff carries, and a page that became
-/// zero must overwrite the base when merged.
+/// Dirty pages that are now zero are left as holes too: the bitmap (kept in
+/// the snapshot's state), not the file, says which pages the diff carries,
+/// and a hole reads back as the zero page it stands for when merged.
 pub fn write_diff<M: GuestMemoryBackend>(
     path: &Path,
     mem: &M,
@@ -44,7 +44,13 @@ pub fn write_diff<M: GuestMemoryBackend>(
         for (index, (host, rl)) in hosts.iter().zip(&layout.regions).enumerate() {
             let mut out = RunWriter::new(file, path, host, rl.file_offset);
             for (start, len) in dirty.runs(index).max_len(MAX_RUN_BYTES / PAGE_SIZE) {
-                out.push_run(start, len, &mut stats)?;
+                for page in start..start + len {
+                    if host.is_zero((page * PAGE_SIZE) as usize, PAGE_SIZE as usize) {
+                        stats.zero_pages_skipped += 1;
+                    } else {
+                        out.push(page, &mut stats)?;
+                    }
+                }
             }
             out.finish(&mut stats)?;
         }
@@ -205,17 +211,18 @@ mod tests {
         dirty.or_with_memory_bitmaps(&mem).unwrap();
         assert_eq!(dirty.count(), 1 + 1 + 1 + 1 + 1 + 70 + 1);
         let stats = write_diff(&diff, &mem, &dirty).unwrap();
-        assert_eq!(stats.pages_written, dirty.count());
-        assert_eq!(stats.bytes_written, dirty.count() * PAGE_SIZE);
+        // The two zeroed pages are holes; the bitmap carries them.
+        assert_eq!(stats.zero_pages_skipped, 2);
+        assert_eq!(stats.pages_written, dirty.count() - 2);
+        assert_eq!(stats.bytes_written, (dirty.count() - 2) * PAGE_SIZE);
         let (size, allocated) = size_and_allocated(&diff);
         assert_eq!(size, 20 << 20);
         assert!(allocated < (1 << 20), "diff allocates {allocated}");
-        // The zeroed page is carried as data in the diff.
         let diff_file = File::open(&diff).unwrap();
         let extents = data_extents(&diff_file, 0, size).unwrap();
         assert!(
-            extents.iter().any(|&(s, e)| s <= 0x3000 && e >= 0x4000),
-            "{extents:x?}"
+            !extents.iter().any(|&(s, e)| s <= 0x3000 && e >= 0x4000),
+            "the zeroed page should be a hole: {extents:x?}"
         );
 
         let layout = MemoryLayout::from_memory(&mem);

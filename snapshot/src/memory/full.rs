@@ -170,18 +170,6 @@ impl<'a> RunWriter<'a> {
         }
     }
 
-    /// Writes `len` pages at `start` at once.
-    pub(super) fn push_run(
-        &mut self,
-        start: u64,
-        len: u64,
-        stats: &mut MemoryWriteStats,
-    ) -> Result<(), MemoryError> {
-        self.flush(stats)?;
-        self.run = Some((start, start + len));
-        self.flush(stats)
-    }
-
     /// Writes the pending run, if any.
     pub(super) fn flush(&mut self, stats: &mut MemoryWriteStats) -> Result<(), MemoryError> {
         let Some((start, end)) = self.run.take() else {
