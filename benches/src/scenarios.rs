@@ -233,6 +233,19 @@ fn diff_run(slot: &mut Slot, s: &Settings, run: usize, m: &mut Metrics) -> Resul
     }
     let alloc = allocated(&diff.mem)?;
     m.push("diff_mem_file_allocated", "bytes", alloc as f64);
+    // The comparison: a guest whose memory is all in use, full vs
+    // diff of the same state after rewriting `diff_fraction` of it.
+    let seed = s.seed.wrapping_add(1000 + run as u64);
+    if let Some(d) = t.dense_diff(&base, &slot.dir, s.diff_fraction, seed)? {
+        m.push_ms("dense_full_snapshot", d.full);
+        m.push_ms("dense_diff_snapshot", d.diff);
+        m.push("dense_full_bytes_written", "bytes", d.full_bytes as f64);
+        m.push("dense_diff_bytes_written", "bytes", d.diff_bytes as f64);
+        m.push("dense_touched_pages", "pages", d.touched_pages as f64);
+        if d.full > Duration::ZERO {
+            m.push("dense_diff_over_full", "ratio", ms(d.diff) / ms(d.full));
+        }
+    }
     Ok(())
 }
 
@@ -316,6 +329,16 @@ mod tests {
         fn run_for(&mut self, _: Duration) -> Result<()> {
             Ok(())
         }
+        fn dense_diff(
+            &self,
+            _base: &SnapshotFiles,
+            _work: &Path,
+            _fraction: f64,
+            _seed: u64,
+        ) -> Result<Option<crate::target::DenseDiff>> {
+            Ok(None)
+        }
+
         fn touch_memory(&mut self, _: f64, _: u64) -> Result<Option<u64>> {
             Ok(Some(1))
         }

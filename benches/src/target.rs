@@ -66,6 +66,16 @@ pub struct ClonesTiming {
     pub per_vm: Vec<Duration>,
 }
 
+/// Full and diff snapshot of the same densely populated guest.
+#[derive(Debug, Clone)]
+pub struct DenseDiff {
+    pub full: Duration,
+    pub full_bytes: u64,
+    pub diff: Duration,
+    pub diff_bytes: u64,
+    pub touched_pages: u64,
+}
+
 /// A booted guest on one VM monitor.
 pub trait Target {
     /// "vmm" or "firecracker".
@@ -80,6 +90,17 @@ pub trait Target {
     /// (paused guest; same content, so the guest is unharmed). Returns the
     /// number of pages, or None when the target cannot do it.
     fn touch_memory(&mut self, fraction: f64, seed: u64) -> Result<Option<u64>>;
+    /// On a throwaway copy of `base` (never resumed), with every page of
+    /// memory holding data: a full snapshot, then `fraction` of the pages
+    /// rewritten, then a diff snapshot. None when the target cannot reach
+    /// the guest's memory.
+    fn dense_diff(
+        &self,
+        base: &SnapshotFiles,
+        work: &Path,
+        fraction: f64,
+        seed: u64,
+    ) -> Result<Option<DenseDiff>>;
     /// Restores `files` into a new guest, runs it to running, checks it is
     /// alive for `check` when given (not timed), and tears it down.
     fn restore(

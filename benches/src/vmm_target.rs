@@ -18,7 +18,9 @@ use crate::error::{BenchError, Result};
 use crate::rng::Rng;
 use crate::serial::LogWatch;
 use crate::signals;
-use crate::target::{ClonesTiming, RestoreTiming, SnapKind, SnapshotDetail, SnapshotFiles, Target};
+use crate::target::{
+    ClonesTiming, DenseDiff, RestoreTiming, SnapKind, SnapshotDetail, SnapshotFiles, Target,
+};
 
 /// Page size of guest memory as the snapshot files see it.
 const PAGE: u64 = 4096;
@@ -182,6 +184,33 @@ fn restore_running(files: &SnapshotFiles, serial: &Path) -> Result<(Microvm, Res
     ))
 }
 
+/// Fills every page of guest memory with pseudo-random data (or only
+/// `fraction` of the pages, chosen at random).
+fn scribble(mem: &devices::GuestMemoryMmap, fraction: f64, seed: u64) -> Result<u64> {
+    let regions: Vec<(u64, u64)> = mem
+        .iter()
+        .map(|r| (r.start_addr().0, r.len() / PAGE))
+        .collect();
+    let total: u64 = regions.iter().map(|r| r.1).sum();
+    let mut rng = Rng::new(seed);
+    let mut buf = vec![0u8; PAGE as usize];
+    let pages: Vec<u64> = if fraction >= 1.0 {
+        (0..total).collect()
+    } else {
+        Rng::new(seed ^ 0x5eed).sample_distinct(total, ((total as f64) * fraction).round() as u64)
+    };
+    for index in &pages {
+        let addr = page_address(&regions, *index)
+            .ok_or_else(|| BenchError::Setup(format!("page {index} outside guest memory")))?;
+        for chunk in buf.chunks_exact_mut(8) {
+            chunk.copy_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        mem.write_slice(&buf, GuestAddress(addr))
+            .map_err(|e| BenchError::Vmm(format!("guest page {addr:#x}: {e}")))?;
+    }
+    Ok(pages.len() as u64)
+}
+
 /// Runs a restored VM's event loop for `d`; fails if the guest stopped.
 fn check_alive(vm: &mut Microvm, d: Duration) -> Result<()> {
     let t = Instant::now();
@@ -263,6 +292,49 @@ impl Target for VmmTarget {
                 .map_err(|e| BenchError::Vmm(format!("guest page {:#x}: {e}", addr.0)))?;
         }
         Ok(Some(count))
+    }
+
+    fn dense_diff(
+        &self,
+        base: &SnapshotFiles,
+        work: &Path,
+        fraction: f64,
+        seed: u64,
+    ) -> Result<Option<DenseDiff>> {
+        let params = RestoreParams {
+            state_path: base.state.clone(),
+            memory: MemoryBackend::File(base.mem.clone()),
+            track_dirty_pages: true,
+            serial: SerialOutput::File(work.join("vmm-dense-serial.log")),
+            overrides: Default::default(),
+        };
+        let mut vm = VmGuard(build_from_snapshot(&params).map_err(BenchError::vmm("restoring"))?);
+        vm.0.start_paused()
+            .map_err(|e| BenchError::Vmm(format!("starting the copy paused: {e}")))?;
+        scribble(vm.0.memory(), 1.0, seed)?;
+        let full_files = SnapshotFiles::in_dir(work, "dense-full");
+        let diff_files = SnapshotFiles::in_dir(work, "dense-diff");
+        let t = Instant::now();
+        let full =
+            vm.0.snapshot(SnapshotType::Full, &full_files.state, &full_files.mem)
+                .map_err(BenchError::vmm("dense full snapshot"))?;
+        let full_time = t.elapsed();
+        let touched = scribble(vm.0.memory(), fraction, seed.wrapping_add(1))?;
+        let t = Instant::now();
+        let diff =
+            vm.0.snapshot(SnapshotType::Diff, &diff_files.state, &diff_files.mem)
+                .map_err(BenchError::vmm("dense diff snapshot"))?;
+        let diff_time = t.elapsed();
+        drop(vm);
+        full_files.remove();
+        diff_files.remove();
+        Ok(Some(DenseDiff {
+            full: full_time,
+            full_bytes: full.memory.bytes_written,
+            diff: diff_time,
+            diff_bytes: diff.memory.bytes_written,
+            touched_pages: touched,
+        }))
     }
 
     fn restore(

@@ -20,7 +20,9 @@ use crate::error::{BenchError, Result};
 use crate::process::ChildGuard;
 use crate::serial::LogWatch;
 use crate::signals;
-use crate::target::{ClonesTiming, RestoreTiming, SnapKind, SnapshotDetail, SnapshotFiles, Target};
+use crate::target::{
+    ClonesTiming, DenseDiff, RestoreTiming, SnapKind, SnapshotDetail, SnapshotFiles, Target,
+};
 use crate::vmm_target::{GuestSpec, WarmOutcome, WarmSpec};
 use http::ApiClient;
 
@@ -298,6 +300,17 @@ impl Target for FirecrackerTarget {
                 "firecracker guest not running".into(),
             ))
         }
+    }
+
+    fn dense_diff(
+        &self,
+        _base: &SnapshotFiles,
+        _work: &Path,
+        _fraction: f64,
+        _seed: u64,
+    ) -> Result<Option<DenseDiff>> {
+        // Its guest memory lives in another process.
+        Ok(None)
     }
 
     fn touch_memory(&mut self, _fraction: f64, _seed: u64) -> Result<Option<u64>> {
