@@ -186,7 +186,11 @@ fn restore_running(files: &SnapshotFiles, serial: &Path) -> Result<(Microvm, Res
 
 /// Fills every page of guest memory with pseudo-random data (or only
 /// `fraction` of the pages, chosen at random).
-fn scribble(mem: &devices::GuestMemoryMmap, fraction: f64, seed: u64) -> Result<u64> {
+fn scribble(
+    mem: &vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>,
+    fraction: f64,
+    seed: u64,
+) -> Result<u64> {
     let regions: Vec<(u64, u64)> = mem
         .iter()
         .map(|r| (r.start_addr().0, r.len() / PAGE))

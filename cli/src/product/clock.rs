@@ -74,7 +74,7 @@ impl LocalTime {
 
     /// The epoch seconds of this local time (mktime: a time in a DST gap is
     /// moved forward), or None if it cannot be represented.
-    pub fn to_epoch_local(&self) -> Option<i64> {
+    pub fn to_epoch_local(self) -> Option<i64> {
         let int = |v: u32| libc::c_int::try_from(v).ok();
         // SAFETY: an all-zero `tm` is a valid value.
         let mut tm: libc::tm = unsafe { std::mem::zeroed() };
@@ -113,7 +113,11 @@ pub fn format_utc(t: i64) -> String {
 /// Parses a duration: one or more `<number><unit>` with units s, m, h, d, w
 /// (`90s`, `15m`, `2h30m`, `7d`); a bare number means seconds.
 pub fn parse_duration(text: &str) -> Result<Duration> {
-    let bad = |why: &str| Error::Invalid(format!("duration {text:?}: {why} (examples: 30s, 15m, 2h30m, 7d)"));
+    let bad = |why: &str| {
+        Error::Invalid(format!(
+            "duration {text:?}: {why} (examples: 30s, 15m, 2h30m, 7d)"
+        ))
+    };
     let s = text.trim();
     if s.is_empty() {
         return Err(bad("empty"));

@@ -102,9 +102,8 @@ impl CronSpec {
         if weekdays & (1 << 7) != 0 {
             weekdays = (weekdays | 1) & !(1 << 7);
         }
-        let narrow = |v: u64, what: &str| {
-            u32::try_from(v).map_err(|_| format!("{what} out of range"))
-        };
+        let narrow =
+            |v: u64, what: &str| u32::try_from(v).map_err(|_| format!("{what} out of range"));
         Ok(CronSpec {
             minutes,
             hours: narrow(hours, "hour")?,
@@ -190,11 +189,10 @@ fn parse_field(
     for part in text.split(',') {
         let (range, step) = match part.split_once('/') {
             Some((r, s)) => {
-                let step: u32 = s
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .ok_or_else(|| format!("{what} field: step {s:?} must be a positive number"))?;
+                let step: u32 =
+                    s.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                        format!("{what} field: step {s:?} must be a positive number")
+                    })?;
                 (r, step)
             }
             None => (part, 1),
@@ -246,13 +244,21 @@ fn weekday(y: i32, m: u32, d: u32) -> u32 {
     u32::try_from(w).unwrap_or(0)
 }
 
+/// `c` with its weekday recomputed from the date.
+fn dated(c: LocalTime) -> LocalTime {
+    LocalTime {
+        weekday: weekday(c.year, c.month, c.day),
+        ..c
+    }
+}
+
 fn add_months(c: LocalTime, n: u32) -> LocalTime {
     let total = c.month - 1 + n;
-    LocalTime {
+    dated(LocalTime {
         year: c.year + i32::try_from(total / 12).unwrap_or(0),
         month: total % 12 + 1,
         ..c
-    }
+    })
 }
 
 fn next_day(c: LocalTime) -> LocalTime {
@@ -263,7 +269,10 @@ fn next_day(c: LocalTime) -> LocalTime {
         ..c
     };
     if c.day < days_in_month(c.year, c.month) {
-        LocalTime { day: c.day + 1, ..c }
+        dated(LocalTime {
+            day: c.day + 1,
+            ..c
+        })
     } else {
         add_months(LocalTime { day: 1, ..c }, 1)
     }
@@ -332,7 +341,10 @@ mod tests {
         assert_eq!(next("0 0 1 * *", from), at(2026, 4, 1, 0, 0));
         assert_eq!(next("0 0 29 feb *", from), at(2028, 2, 29, 0, 0));
         assert_eq!(next("15,45 * * * *", from), at(2026, 3, 7, 9, 15));
-        assert_eq!(next("5/20 * * * *", at(2026, 3, 7, 9, 6)), at(2026, 3, 7, 9, 25));
+        assert_eq!(
+            next("5/20 * * * *", at(2026, 3, 7, 9, 6)),
+            at(2026, 3, 7, 9, 25)
+        );
         assert_eq!(next("0 8-10/2 * * *", from), at(2026, 3, 7, 10, 0));
         // Both day fields restricted: either matches (the 10th, or a Monday).
         assert_eq!(next("0 0 10 * mon", from), at(2026, 3, 9, 0, 0));
@@ -346,16 +358,16 @@ mod tests {
             panic!()
         };
         assert_eq!(spec.next_from(at(2026, 1, 1, 0, 0)), None);
-        assert_eq!(
-            Schedule::parse("0 0 31 2 *").unwrap().next_after(0),
-            None
-        );
+        assert_eq!(Schedule::parse("0 0 31 2 *").unwrap().next_after(0), None);
     }
 
     #[test]
     fn every_and_epoch() {
         assert_eq!(Schedule::parse("@every 5s").unwrap(), Schedule::Every(5));
-        assert_eq!(Schedule::parse("@every 2m").unwrap().next_after(100), Some(220));
+        assert_eq!(
+            Schedule::parse("@every 2m").unwrap().next_after(100),
+            Some(220)
+        );
         let s = Schedule::parse("* * * * *").unwrap();
         let t = super::super::clock::now();
         let n = s.next_after(t).unwrap();

@@ -274,10 +274,23 @@ pub(crate) mod tests {
         let p = t.0.join("meta.json");
         assert!(read_json::<M>(&p).unwrap().is_none());
         for i in 0..20 {
-            write_json_atomic(&p, &M { a: i, s: "x".repeat(i as usize) }).unwrap();
+            write_json_atomic(
+                &p,
+                &M {
+                    a: i,
+                    s: "x".repeat(i as usize),
+                },
+            )
+            .unwrap();
         }
         let m: M = read_json(&p).unwrap().unwrap();
-        assert_eq!(m, M { a: 19, s: "x".repeat(19) });
+        assert_eq!(
+            m,
+            M {
+                a: 19,
+                s: "x".repeat(19)
+            }
+        );
         let names: Vec<_> = std::fs::read_dir(&t.0)
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -292,13 +305,27 @@ pub(crate) mod tests {
     fn concurrent_writers_never_expose_partial_files() {
         let t = TempDir::new("store-race");
         let p = t.0.join("meta.json");
-        write_json_atomic(&p, &M { a: 0, s: String::new() }).unwrap();
+        write_json_atomic(
+            &p,
+            &M {
+                a: 0,
+                s: String::new(),
+            },
+        )
+        .unwrap();
         let writers: Vec<_> = (0..4)
             .map(|w| {
                 let p = p.clone();
                 std::thread::spawn(move || {
                     for i in 0..50 {
-                        write_json_atomic(&p, &M { a: w * 100 + i, s: "y".repeat(500) }).unwrap();
+                        write_json_atomic(
+                            &p,
+                            &M {
+                                a: w * 100 + i,
+                                s: "y".repeat(500),
+                            },
+                        )
+                        .unwrap();
                     }
                 })
             })

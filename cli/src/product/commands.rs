@@ -1,0 +1,428 @@
+//! The sandbox commands: `use`, `ls`, `status`, `stop`, `rm`, `logs`.
+
+use std::io::{BufRead, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use guest_agent::proto::ExecRequest;
+use serde_json::{json, Value};
+
+use super::args::{LogsArgs, LsArgs, RmArgs, StatusArgs, StopArgs, UseArgs};
+use super::clock::{format_local, format_utc, now};
+use super::config::{self, DEFAULT_CMDLINE};
+use super::cron::Schedule;
+use super::error::{Error, Result};
+use super::guest;
+use super::names;
+use super::output::{human_size, json, Format, Table};
+use super::sandbox::{BootSpec, Sandbox, Status};
+use super::snapshot::{self, SnapStatus, SnapshotMeta};
+use super::store::Kind;
+use super::Ctx;
+
+/// Creates the sandbox if missing (booted, or restored from `--snapshot`)
+/// and makes sure it runs; the caller holds no lock afterwards.
+pub fn ensure_sandbox(ctx: &Ctx, a: &UseArgs) -> Result<Sandbox> {
+    names::validate("sandbox", &a.name)?;
+    let _lock = ctx.store.lock_sandbox(&a.name)?;
+    if Sandbox::exists(ctx, &a.name) {
+        if let Some(snap) = &a.snapshot {
+            return Err(Error::Invalid(format!(
+                "sandbox {} already exists; --snapshot {snap} applies only when creating one \
+                 (`vmm snapshot restore {snap} --into NEW`)",
+                a.name
+            )));
+        }
+        let creation_only = a.kernel.is_some()
+            || a.rootfs.is_some()
+            || a.vcpus.is_some()
+            || a.mem_mib.is_some()
+            || a.cmdline.is_some();
+        if creation_only {
+            log::warn!(
+                "sandbox {} exists: --kernel, --rootfs, --vcpus, --mem-mib and --cmdline                  apply only when creating one",
+                a.name
+            );
+        }
+        let mut sb = Sandbox::load(ctx, &a.name)?;
+        sb.ensure_running(ctx)?;
+        return Ok(sb);
+    }
+    if let Some(snap) = &a.snapshot {
+        let meta = SnapshotMeta::load(ctx, snap)?;
+        meta.require_ready()?;
+        return Sandbox::create_from_snapshot(ctx, &a.name, &meta);
+    }
+    let cfg = &ctx.config;
+    let kernel = config::resolve(
+        "kernel",
+        a.kernel.as_deref(),
+        "VMM_KERNEL",
+        cfg.kernel.as_deref(),
+        ("kernel-", "vmlinux"),
+    )?;
+    let rootfs = config::resolve(
+        "rootfs",
+        a.rootfs.as_deref(),
+        "VMM_ROOTFS",
+        cfg.rootfs.as_deref(),
+        ("rootfs-", "rootfs.ext4"),
+    )?;
+    let spec = BootSpec {
+        kernel: kernel.path,
+        rootfs: rootfs.path,
+        vcpus: a.vcpus.or(cfg.vcpus).unwrap_or(1),
+        mem_mib: a.mem_mib.or(cfg.mem_mib).unwrap_or(256),
+        cmdline: a.cmdline.clone().or_else(|| cfg.cmdline.clone()),
+    };
+    Sandbox::create_boot(ctx, &a.name, &spec)
+}
+
+/// `vmm use NAME [-- CMD ...]`.
+pub fn use_(ctx: &Ctx, a: UseArgs) -> Result<i32> {
+    let sb = ensure_sandbox(ctx, &a)?;
+    let base = |argv: Vec<String>| -> Result<ExecRequest> {
+        let mut req = ExecRequest::new(argv);
+        for kv in &a.env {
+            if !kv.contains('=') || kv.starts_with('=') {
+                return Err(Error::Invalid(format!("--env {kv:?}: expected KEY=VALUE")));
+            }
+        }
+        req.env = a.env.clone();
+        req.cwd = a.workdir.clone();
+        req.timeout_ms = a
+            .timeout
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Ok(req)
+    };
+    if a.command.is_empty() {
+        if std::io::stdin().is_terminal() {
+            return shell(&sb, base);
+        }
+        return Ok(0);
+    }
+    let mut req = base(a.command.clone())?;
+    if a.stdin {
+        std::io::stdin()
+            .read_to_end(&mut req.stdin)
+            .map_err(|e| Error::io("reading", Path::new("stdin"), e))?;
+    }
+    let t0 = Instant::now();
+    let code = guest::exec_streamed(&sb, &req)?;
+    sb.record_exec(&a.command, code, t0.elapsed());
+    Ok(code)
+}
+
+/// A line-based shell: each line runs as `sh -c LINE` in the guest. No
+/// terminal is attached, so state such as `cd` or variables does not carry
+/// from one line to the next and full-screen programs do not work.
+fn shell(sb: &Sandbox, base: impl Fn(Vec<String>) -> Result<ExecRequest>) -> Result<i32> {
+    eprintln!(
+        "sandbox {}: each line runs as `sh -c LINE` (no terminal; cd and variables do not \
+         persist); exit or Ctrl-D leaves",
+        sb.meta.name
+    );
+    let stdin = std::io::stdin();
+    let mut last = 0;
+    loop {
+        print!("{}$ ", sb.meta.name);
+        let _ = std::io::stdout().flush();
+        let mut line = String::new();
+        match stdin.lock().read_line(&mut line) {
+            Ok(0) => {
+                println!();
+                return Ok(last);
+            }
+            Ok(_) => {}
+            Err(e) => return Err(Error::io("reading", Path::new("stdin"), e)),
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line == "exit" {
+            return Ok(last);
+        }
+        let argv = vec!["sh".to_string(), "-c".to_string(), line.to_string()];
+        let t0 = Instant::now();
+        last = match guest::exec_streamed(sb, &base(argv.clone())?) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                1
+            }
+        };
+        sb.record_exec(&argv, last, t0.elapsed());
+    }
+}
+
+fn all_sandboxes(ctx: &Ctx) -> Result<Vec<Sandbox>> {
+    let mut out = Vec::new();
+    for name in ctx.store.names(Kind::Sandbox)? {
+        match Sandbox::load(ctx, &name) {
+            Ok(sb) => out.push(sb),
+            Err(Error::NoSandbox(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+fn sandbox_json(sb: &Sandbox, status: Status) -> Value {
+    let m = &sb.meta;
+    json!({
+        "name": m.name,
+        "status": status.as_str(),
+        "vcpus": m.vcpus,
+        "mem_mib": m.mem_mib,
+        "created": format_utc(m.created),
+        "pid": if status == Status::Stopped { None } else { m.pid },
+        "origin": m.origin,
+        "schedule": m.schedule.as_ref().map(|s| &s.spec),
+    })
+}
+
+/// `vmm ls`.
+pub fn ls(ctx: &Ctx, a: &LsArgs) -> Result<i32> {
+    let all = all_sandboxes(ctx)?;
+    let statuses: Vec<Status> = all.iter().map(Sandbox::status).collect();
+    match a.output {
+        Format::Json => {
+            let v: Vec<Value> = all
+                .iter()
+                .zip(&statuses)
+                .map(|(sb, st)| sandbox_json(sb, *st))
+                .collect();
+            print!("{}", json(&v));
+        }
+        Format::Table => {
+            let mut t = Table::new(&["NAME", "STATUS", "CPU", "MEMORY", "CREATED"]);
+            for (sb, st) in all.iter().zip(&statuses) {
+                t.row(vec![
+                    sb.meta.name.clone(),
+                    st.as_str().to_string(),
+                    sb.meta.vcpus.to_string(),
+                    format!("{} MiB", sb.meta.mem_mib),
+                    format_local(sb.meta.created),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+    }
+    Ok(0)
+}
+
+/// `vmm status [NAME]`.
+pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<i32> {
+    let v = match &a.name {
+        Some(name) => {
+            let sb = Sandbox::load(ctx, name)?;
+            let st = sb.status();
+            let mut v = sandbox_json(&sb, st);
+            let next = sb
+                .meta
+                .schedule
+                .as_ref()
+                .and_then(|s| Schedule::parse(&s.spec).ok())
+                .and_then(|s| s.next_after(now()))
+                .map(format_utc);
+            let extra = json!({
+                "started": sb.meta.started.filter(|_| st != Status::Stopped).map(format_utc),
+                "kernel": sb.meta.kernel,
+                "cmdline": sb.meta.cmdline,
+                "diff_base": sb.meta.mem_baseline,
+                "next_scheduled_snapshot": next,
+                "disk_usage_bytes": sb.disk_usage(),
+                "dir": sb.paths.dir,
+                "api_socket": sb.paths.api_sock,
+                "vsock_socket": sb.paths.vsock,
+                "serial_log": sb.paths.serial,
+            });
+            if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+                o.extend(e.clone());
+            }
+            v
+        }
+        None => {
+            let cfg = &ctx.config;
+            let guess = |what, env, conf: Option<&Path>, pat| match config::resolve(
+                what, None, env, conf, pat,
+            ) {
+                Ok(r) => json!({ "path": r.path, "from": r.source }),
+                Err(e) => json!({ "error": e.to_string() }),
+            };
+            let sandboxes = all_sandboxes(ctx)?;
+            let running = sandboxes
+                .iter()
+                .filter(|s| s.status() != Status::Stopped)
+                .count();
+            let snaps = snapshot::list(ctx)?;
+            json!({
+                "state_dir": ctx.store.root(),
+                "default_kernel": guess("kernel", "VMM_KERNEL", cfg.kernel.as_deref(), ("kernel-", "vmlinux")),
+                "default_rootfs": guess("rootfs", "VMM_ROOTFS", cfg.rootfs.as_deref(), ("rootfs-", "rootfs.ext4")),
+                "default_cmdline": cfg.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+                "sandboxes": sandboxes.len(),
+                "sandboxes_not_stopped": running,
+                "snapshots": snaps.len(),
+                "snapshots_ready": snaps.iter().filter(|s| s.status == SnapStatus::Ready).count(),
+                "snapshot_bytes": snaps.iter().map(|s| s.size_bytes).sum::<u64>(),
+            })
+        }
+    };
+    match a.output {
+        Format::Json => print!("{}", json(&v)),
+        Format::Table => print!("{}", key_values(&v)),
+    }
+    Ok(0)
+}
+
+/// `key: value` lines of a JSON object (nested objects inline).
+fn key_values(v: &Value) -> String {
+    let mut out = String::new();
+    if let Some(o) = v.as_object() {
+        let width = o.keys().map(String::len).max().unwrap_or(0) + 1;
+        for (k, val) in o {
+            let text = match val {
+                Value::Null => "-".to_string(),
+                Value::String(s) => s.clone(),
+                Value::Number(n) if k.ends_with("_bytes") => human_size(n.as_u64().unwrap_or(0)),
+                Value::Object(m) if m.contains_key("path") => format!(
+                    "{} (from {})",
+                    m["path"].as_str().unwrap_or(""),
+                    m.get("from").and_then(Value::as_str).unwrap_or("")
+                ),
+                Value::Object(m) if m.contains_key("error") => {
+                    m["error"].as_str().unwrap_or("").to_string()
+                }
+                other => other.to_string(),
+            };
+            out.push_str(&format!("{:width$}  {text}\n", format!("{k}:")));
+        }
+    }
+    out
+}
+
+/// `vmm stop NAME [-f]`.
+pub fn stop(ctx: &Ctx, a: &StopArgs) -> Result<i32> {
+    let _lock = ctx.store.lock_sandbox(&a.name)?;
+    let mut sb = Sandbox::load(ctx, &a.name)?;
+    sb.stop(ctx, a.force)?;
+    Ok(0)
+}
+
+/// `vmm rm NAME [-f]`.
+pub fn rm(ctx: &Ctx, a: &RmArgs) -> Result<i32> {
+    let _lock = ctx.store.lock_sandbox(&a.name)?;
+    let mut sb = Sandbox::load(ctx, &a.name)?;
+    if sb.vmm_alive() {
+        if !a.force {
+            return Err(Error::Invalid(format!(
+                "sandbox {} is {}; stop it first or use -f",
+                a.name,
+                sb.status().as_str()
+            )));
+        }
+        sb.stop(ctx, true)?;
+    }
+    super::schedule::kill(ctx, &sb);
+    sb.remove_files()?;
+    Ok(0)
+}
+
+/// `vmm logs NAME [--follow] [--tail N] [--exec]`.
+pub fn logs(ctx: &Ctx, a: &LogsArgs) -> Result<i32> {
+    let sb = Sandbox::load(ctx, &a.name)?;
+    let path = if a.exec {
+        &sb.paths.history
+    } else {
+        &sb.paths.serial
+    };
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io("reading", path, e)),
+    };
+    let start = match a.tail {
+        Some(n) => tail_start(&text, n),
+        None => 0,
+    };
+    let mut out = std::io::stdout();
+    let _ = out.write_all(&text[start..]);
+    let _ = out.flush();
+    if !a.follow {
+        return Ok(0);
+    }
+    let mut pos = text.len() as u64;
+    loop {
+        let alive = sb.vmm_alive();
+        if let Ok(mut f) = std::fs::File::open(path) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < pos {
+                pos = 0; // the log was restarted (a new boot)
+            }
+            if len > pos && f.seek(SeekFrom::Start(pos)).is_ok() {
+                let mut buf = Vec::new();
+                if let Ok(n) = f.read_to_end(&mut buf) {
+                    pos += n as u64;
+                    if out.write_all(&buf).and_then(|_| out.flush()).is_err() {
+                        return Ok(0); // reader went away
+                    }
+                }
+            }
+        }
+        if !alive {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Offset where the last `n` lines of `text` begin.
+fn tail_start(text: &[u8], n: usize) -> usize {
+    if n == 0 {
+        return text.len();
+    }
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let mut seen = 0;
+    for (i, &b) in body.iter().enumerate().rev() {
+        if b == b'\n' {
+            seen += 1;
+            if seen == n {
+                return i + 1;
+            }
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tails() {
+        let t = b"a\nb\nc\n";
+        assert_eq!(&t[tail_start(t, 1)..], b"c\n");
+        assert_eq!(&t[tail_start(t, 2)..], b"b\nc\n");
+        assert_eq!(&t[tail_start(t, 9)..], t);
+        assert_eq!(&t[tail_start(t, 0)..], b"");
+        let u = b"a\nb";
+        assert_eq!(&u[tail_start(u, 1)..], b"b");
+        assert_eq!(tail_start(b"", 3), 0);
+    }
+
+    #[test]
+    fn status_lines() {
+        let v = json!({"name": "dev", "pid": null, "disk_usage_bytes": 2048,
+                       "default_kernel": {"path": "/k", "from": "config.json"}});
+        let text = key_values(&v);
+        assert!(text.contains("name:              dev\n"), "{text}");
+        assert!(text.contains("pid:               -\n"), "{text}");
+        assert!(text.contains("disk_usage_bytes:  2.0 KiB\n"), "{text}");
+        assert!(
+            text.contains("default_kernel:    /k (from config.json)\n"),
+            "{text}"
+        );
+    }
+}

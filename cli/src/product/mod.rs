@@ -1,0 +1,141 @@
+//! The product commands: named sandboxes (`use`, `ls`, `status`, `stop`,
+//! `rm`, `logs`) and named snapshots (`snapshot save|ls|rm|restore|gc|
+//! schedule`) kept in a state directory.
+//!
+//! Exit codes: 0 success, 1 usage or runtime error, 3 the named sandbox or
+//! snapshot does not exist, and for `use NAME -- CMD` the command's own code.
+//! Errors are one line on stderr; progress is shown on a terminal only.
+
+mod api;
+pub mod args;
+mod clock;
+mod commands;
+mod config;
+mod cron;
+mod disk;
+mod error;
+mod guest;
+mod names;
+mod output;
+mod process;
+mod sandbox;
+mod schedule;
+mod snap_commands;
+mod snapshot;
+mod store;
+
+use args::Common;
+use config::ProductConfig;
+use error::Result;
+use output::Progress;
+use store::Store;
+
+pub use args::{LogsArgs, LsArgs, RmArgs, SnapshotArgs, StatusArgs, StopArgs, UseArgs};
+
+/// What every command works with.
+pub struct Ctx {
+    pub store: Store,
+    pub config: ProductConfig,
+    pub progress: Progress,
+}
+
+impl Ctx {
+    fn open(common: &Common, progress: Progress) -> Result<Self> {
+        let root = common
+            .state_dir
+            .clone()
+            .or_else(|| std::env::var_os("VMM_STATE_DIR").map(Into::into))
+            .filter(|p: &std::path::PathBuf| !p.as_os_str().is_empty())
+            .unwrap_or_else(store::default_root);
+        let store = Store::open(&root)?;
+        let config = ProductConfig::load(&store)?;
+        Ok(Ctx {
+            store,
+            config,
+            progress,
+        })
+    }
+}
+
+/// A product command.
+pub enum Command {
+    Use(UseArgs),
+    Ls(LsArgs),
+    Status(StatusArgs),
+    Stop(StopArgs),
+    Rm(RmArgs),
+    Logs(LogsArgs),
+    Snapshot(SnapshotArgs),
+}
+
+impl Command {
+    fn common(&self) -> &Common {
+        match self {
+            Command::Use(a) => &a.common,
+            Command::Ls(a) => &a.common,
+            Command::Status(a) => &a.common,
+            Command::Stop(a) => &a.common,
+            Command::Rm(a) => &a.common,
+            Command::Logs(a) => &a.common,
+            Command::Snapshot(a) => &a.common,
+        }
+    }
+}
+
+/// Runs a product command; returns the exit code.
+pub fn run(cmd: Command) -> i32 {
+    let daemon = matches!(
+        &cmd,
+        Command::Snapshot(SnapshotArgs {
+            command: args::SnapshotCommand::Scheduler(_),
+            ..
+        })
+    );
+    // `snapshot gc` reaps itself and reports what it removed.
+    let gc = matches!(
+        &cmd,
+        Command::Snapshot(SnapshotArgs {
+            command: args::SnapshotCommand::Gc(_),
+            ..
+        })
+    );
+    let progress = if daemon {
+        Progress::quiet()
+    } else {
+        Progress::new()
+    };
+    let ctx = match Ctx::open(cmd.common(), progress) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return e.exit_code();
+        }
+    };
+    if !daemon && !gc {
+        // The reaper runs on every command; its trouble must not stop it.
+        match snapshot::reap(&ctx) {
+            Ok(gone) => {
+                for n in gone {
+                    log::info!("removed expired snapshot {n}");
+                }
+            }
+            Err(e) => log::warn!("reaping expired snapshots: {e}"),
+        }
+    }
+    let result = match cmd {
+        Command::Use(a) => commands::use_(&ctx, a),
+        Command::Ls(a) => commands::ls(&ctx, &a),
+        Command::Status(a) => commands::status(&ctx, &a),
+        Command::Stop(a) => commands::stop(&ctx, &a),
+        Command::Rm(a) => commands::rm(&ctx, &a),
+        Command::Logs(a) => commands::logs(&ctx, &a),
+        Command::Snapshot(a) => snap_commands::run(&ctx, a.command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            e.exit_code()
+        }
+    }
+}

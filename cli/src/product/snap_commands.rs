@@ -1,0 +1,173 @@
+//! `vmm snapshot save|ls|rm|restore|gc|schedule`.
+
+use serde_json::{json, Value};
+
+use super::args::{SaveArgs, SnapshotCommand};
+use super::clock::{format_duration, format_local, format_utc, now};
+use super::error::{Error, Result};
+use super::names;
+use super::output::{human_size, json, Format, Table};
+use super::sandbox::Sandbox;
+use super::schedule;
+use super::snapshot::{self, SaveOptions, SnapshotMeta};
+use super::Ctx;
+
+pub fn run(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
+    match cmd {
+        SnapshotCommand::Save(a) => save(ctx, &a),
+        SnapshotCommand::Ls(a) => {
+            let all = snapshot::list(ctx)?;
+            match a.output {
+                Format::Json => {
+                    let v: Vec<Value> = all.iter().map(snapshot_json).collect();
+                    print!("{}", json(&v));
+                }
+                Format::Table => print!("{}", table(&all)),
+            }
+            Ok(0)
+        }
+        SnapshotCommand::Rm(a) => {
+            for n in snapshot::remove(ctx, &a.names, a.force)? {
+                println!("{n}");
+            }
+            Ok(0)
+        }
+        SnapshotCommand::Restore(a) => {
+            names::validate("sandbox", &a.into)?;
+            let _lock = ctx.store.lock_sandbox(&a.into)?;
+            if Sandbox::exists(ctx, &a.into) {
+                return Err(Error::Invalid(format!("sandbox {} already exists", a.into)));
+            }
+            let meta = SnapshotMeta::load(ctx, &a.name)?;
+            meta.require_ready()?;
+            Sandbox::create_from_snapshot(ctx, &a.into, &meta)?;
+            Ok(0)
+        }
+        SnapshotCommand::Gc(_) => {
+            for n in snapshot::reap(ctx)? {
+                println!("{n}");
+            }
+            Ok(0)
+        }
+        SnapshotCommand::Schedule(a) => {
+            names::validate("sandbox", &a.sandbox)?;
+            let expires = a.expires_in.or(ctx.config.default_expiry()?);
+            let next = schedule::set(ctx, &a.sandbox, a.cron.as_deref(), a.kind, expires)?;
+            if let Some(t) = next {
+                println!("next snapshot at {}", format_local(t));
+            }
+            Ok(0)
+        }
+        SnapshotCommand::Scheduler(a) => {
+            schedule::daemon(ctx, &a.sandbox)?;
+            Ok(0)
+        }
+    }
+}
+
+fn save(ctx: &Ctx, a: &SaveArgs) -> Result<i32> {
+    names::validate("sandbox", &a.sandbox)?;
+    let opts = SaveOptions {
+        name: a.name.clone(),
+        kind: a.kind,
+        resume_source: a.resume_source,
+        guest_sync: a.guest_sync,
+        expires_in: a.expires_in.or(ctx.config.default_expiry()?),
+    };
+    let _lock = ctx.store.lock_sandbox(&a.sandbox)?;
+    let meta = snapshot::save(ctx, &a.sandbox, &opts)?;
+    match a.output {
+        Format::Json => print!("{}", json(&snapshot_json(&meta))),
+        Format::Table => println!("{}", meta.name),
+    }
+    Ok(0)
+}
+
+fn snapshot_json(m: &SnapshotMeta) -> Value {
+    json!({
+        "name": m.name,
+        "sandbox": m.sandbox,
+        "type": m.kind.as_str(),
+        "status": m.status.as_str(),
+        "reason": m.reason,
+        "parent": m.parent,
+        "size_bytes": m.size_bytes,
+        "created": format_utc(m.created),
+        "expires": m.expires.map(format_utc),
+        "vcpus": m.vcpus,
+        "mem_mib": m.mem_mib,
+        "guest_sync": m.guest_sync,
+        "disk_copy": m.disk_copy,
+        "took_ms": m.took_ms,
+    })
+}
+
+fn table(all: &[SnapshotMeta]) -> String {
+    let mut t = Table::new(&[
+        "NAME", "SANDBOX", "TYPE", "STATUS", "SIZE", "CREATED", "EXPIRES",
+    ]);
+    for m in all {
+        t.row(vec![
+            m.name.clone(),
+            m.sandbox.clone(),
+            m.kind.as_str().to_string(),
+            m.status.as_str().to_string(),
+            human_size(m.size_bytes),
+            format_local(m.created),
+            m.expires
+                .map(|e| match u64::try_from(e - now()) {
+                    Ok(left) if left > 0 => format!("in {}", format_duration(left)),
+                    _ => "now".into(),
+                })
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::product::snapshot::{SnapKind, SnapStatus};
+
+    #[test]
+    fn listing_shapes() {
+        let m = SnapshotMeta {
+            name: "before".into(),
+            sandbox: "dev".into(),
+            kind: SnapKind::Diff,
+            status: SnapStatus::Ready,
+            reason: None,
+            parent: Some("base".into()),
+            created: 0,
+            expires: None,
+            size_bytes: 3 << 20,
+            kernel: "/k".into(),
+            cmdline: "c".into(),
+            vcpus: 1,
+            mem_mib: 128,
+            creator_pid: 1,
+            guest_sync: Some("synced".into()),
+            disk_copy: None,
+            took_ms: Some(12),
+        };
+        let v = snapshot_json(&m);
+        assert_eq!(v["type"], "diff");
+        assert_eq!(v["parent"], "base");
+        assert_eq!(v["created"], "1970-01-01T00:00:00Z");
+        assert_eq!(v["expires"], Value::Null);
+        let text = table(&[m]);
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["NAME", "SANDBOX", "TYPE", "STATUS", "SIZE", "CREATED", "EXPIRES"]
+        );
+        let row = lines.next().unwrap();
+        assert!(
+            row.starts_with("before  dev      diff  ready   3.0 MiB  "),
+            "{row}"
+        );
+        assert!(row.ends_with("  -"), "{row}");
+    }
+}

@@ -1,0 +1,569 @@
+//! The product commands end to end: named sandboxes and snapshots.
+//!
+//! With real guests (nested test host, where guest user space and the guest
+//! agent run): `use NAME -- CMD` creating a sandbox and returning the
+//! command's exit code; checkpoint before a risky change and restore it
+//! (files and a running process come back); one snapshot branched into two
+//! sandboxes that diverge; files installed in a sandbox, snapshotted and seen
+//! by a new sandbox; diff and disk snapshots; listings in table and JSON;
+//! deletion with and without -f; not-found exit codes; stop and start again;
+//! logs; expiry; a scheduled snapshot.
+//!
+//! Without a VM (any machine): the state directory, usage errors and exit
+//! codes, disk snapshots of a stopped sandbox, dependency-aware removal and
+//! expiry.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use vmm_tests::*;
+
+const SCENARIO: &str = r##"
+set -u
+export VMM_KERNEL=/guest/vmlinux VMM_ROOTFS=/guest/rootfs.ext4 VMM_STATE_DIR=/state
+mkdir -p /state && mount -t tmpfs -o size=1800m tmpfs /state
+now() { cut -d' ' -f1 /proc/uptime; }
+el() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}'; }
+oneline() { tr '\n' '|' | head -c 400; }
+# run KEY CMD...: runs a vmm command, prints KEY_EXIT, KEY_OUT and KEY_ERR.
+run() {
+  key=$1; shift
+  "$@" >/tmp/out 2>/tmp/err
+  rc=$?
+  echo "${key}_EXIT=$rc"
+  echo "${key}_OUT=$(oneline </tmp/out)"
+  echo "${key}_ERR=$(oneline </tmp/err)"
+}
+
+# 1. use creates the sandbox and returns the command's exit code.
+t0=$(now); run CREATE vmm use dev --mem-mib 128 -- sh -c 'echo hello-from-dev; exit 7'; echo "T_CREATE=$(el $t0)"
+t0=$(now); run WARM vmm use dev -- true; echo "T_WARM=$(el $t0)"
+run EXIT42 vmm use dev -- sh -c 'echo out; echo err >&2; exit 42'
+run ENV vmm use dev --env FOO=bar --workdir /tmp -- sh -c 'echo "$FOO $(pwd)"'
+echo piped | vmm use dev -i -- cat >/tmp/out 2>/tmp/err; echo "STDIN_OUT=$(oneline </tmp/out)"
+
+# 2. Checkpoint before a risky change, then restore it.
+vmm use dev -- sh -c 'echo precious > /root/data.txt; sync'
+vmm use dev -- sh -c 'setsid sh -c "i=0; while :; do i=\$((i+1)); echo \$i > /tmp/counter; sleep 1; done" </dev/null >/dev/null 2>&1 &'
+sleep 2
+t0=$(now); run SAVE vmm snapshot save dev --name before-risky; echo "T_SAVE_FULL=$(el $t0)"
+echo "PAUSED_STATUS=$(vmm status dev -o json | grep '"status"' | tr -d ' ,')"
+run RISKY vmm use dev -- sh -c 'rm -f /root/data.txt; echo broken > /root/broken'
+run GONE vmm use dev -- cat /root/data.txt
+run RM_RUNNING vmm rm dev
+run RM_FORCE vmm rm -f dev
+t0=$(now); run RESTORE vmm snapshot restore before-risky --into dev; echo "T_RESTORE=$(el $t0)"
+run RESTORED_DATA vmm use dev -- cat /root/data.txt
+run RESTORED_BROKEN vmm use dev -- sh -c 'test -e /root/broken; echo $?'
+c1=$(vmm use dev -- cat /tmp/counter); sleep 2; c2=$(vmm use dev -- cat /tmp/counter)
+echo "COUNTER_RESTORED=$c1"
+echo "COUNTER_ADVANCES=$([ -n "$c1" ] && [ -n "$c2" ] && [ "$c2" -gt "$c1" ] && echo yes || echo "no:$c1:$c2")"
+
+# 3. One snapshot branched into two sandboxes that diverge.
+vmm use dev -- sh -c 'echo base > /root/branch.txt'
+run BRANCH_SAVE vmm snapshot save dev --name branch-point --resume-source
+echo "SOURCE_STATUS=$(vmm status dev -o json | grep '"status"' | tr -d ' ,')"
+t0=$(now); run LEFT vmm snapshot restore branch-point --into left; echo "T_RESTORE_LEFT=$(el $t0)"
+run RIGHT vmm use right --snapshot branch-point -- sh -c 'echo right >> /root/branch.txt'
+vmm use left -- sh -c 'echo left >> /root/branch.txt'
+run LEFT_FILE vmm use left -- cat /root/branch.txt
+run RIGHT_FILE vmm use right -- cat /root/branch.txt
+run DEV_FILE vmm use dev -- cat /root/branch.txt
+
+# 4. Files installed in a sandbox, snapshotted, seen by a new sandbox.
+vmm use left -- sh -c 'mkdir -p /opt/tool && printf "#!/bin/sh\necho tool-v1 \$1\n" > /opt/tool/run && chmod +x /opt/tool/run'
+run TOOL_SAVE vmm snapshot save left --name with-tool --resume-source -o json
+run TOOL vmm use fresh --snapshot with-tool -- /opt/tool/run ok
+vmm rm -f fresh
+
+# 5. A diff snapshot on top of with-tool (left's previous snapshot).
+vmm use left -- sh -c 'echo diffdata > /root/diff.txt; echo in-memory > /tmp/mem.txt'
+t0=$(now); run DIFF vmm snapshot save left --name left-diff --type diff --resume-source -o json; echo "T_SAVE_DIFF=$(el $t0)"
+t0=$(now); run FROMDIFF vmm use fromdiff --snapshot left-diff -- sh -c 'cat /root/diff.txt /tmp/mem.txt; /opt/tool/run x'; echo "T_RESTORE_DIFF=$(el $t0)"
+vmm rm -f fromdiff
+run RM_DEP vmm snapshot rm with-tool
+run RM_DEP_FORCE vmm snapshot rm -f with-tool
+
+# 6. A disk-only snapshot boots a new sandbox from the disk.
+vmm use right -- sh -c 'echo on-disk > /root/disk.txt'
+run DISK vmm snapshot save right --name right-disk --type disk --resume-source -o json
+run FROMDISK vmm use fromdisk --mem-mib 128 --snapshot right-disk -- cat /root/disk.txt /root/branch.txt
+
+# 7. Stop and start again (a fresh boot from the sandbox's disk).
+run STOP vmm stop fromdisk
+echo "STOPPED_STATUS=$(vmm status fromdisk -o json | grep '"status"' | tr -d ' ,')"
+run AFTER_STOP vmm use fromdisk -- cat /root/disk.txt
+echo "CONSOLE_READY=$(vmm logs fromdisk | grep -c VMM-GUEST-READY)"
+echo "CONSOLE_TAIL=$(vmm logs fromdisk --tail 1 | oneline)"
+vmm logs fromdisk --follow >/tmp/follow.txt & fp=$!
+vmm use fromdisk -- sh -c 'echo FOLLOW-MARK > /dev/console'
+sleep 1
+run STOP2 vmm stop fromdisk
+sleep 1
+echo "FOLLOW_ENDED=$(kill -0 $fp 2>/dev/null && echo no || echo yes)"
+echo "FOLLOW_MARK=$(grep -c FOLLOW-MARK /tmp/follow.txt)"
+vmm rm fromdisk
+
+# 8. Listings.
+echo "LS_JSON=$(vmm ls -o json | tr -d '\n')"
+echo "SNAP_LS_JSON=$(vmm snapshot ls -o json | tr -d '\n')"
+vmm ls >/tmp/ls.txt; echo "LS_TABLE=$(oneline </tmp/ls.txt)"
+vmm snapshot ls >/tmp/sls.txt; echo "SNAP_LS_TABLE=$(oneline </tmp/sls.txt)"
+
+# 9. Not found, bad names, logs.
+run NF_SNAP vmm use ghost --snapshot missing -- true
+run NF_STOP vmm stop ghost
+run NF_LOGS vmm logs ghost
+run NF_SNAP_RM vmm snapshot rm missing
+run NF_RESTORE vmm snapshot restore missing --into x
+run BAD_NAME vmm use Bad_Name -- true
+run LOGS_EXEC vmm logs dev --exec --tail 2
+
+# 10. Expiry: an expired snapshot is removed by gc (and by any command).
+run SHORT vmm snapshot save right --name short-lived --type disk --expires-in 6s --resume-source
+run SHORT2 vmm snapshot save right --name short-lived-2 --type disk --expires-in 6s --resume-source
+echo "SHORT_LISTED=$(vmm snapshot ls | grep -c '^short-lived')"
+sleep 7
+run GC vmm snapshot gc
+echo "SHORT_AFTER_GC=$(vmm snapshot ls | grep -c '^short-lived')"
+
+# 11. A scheduled snapshot every 5 seconds.
+run SCHED vmm snapshot schedule right --cron '@every 5s' --expires-in 1h
+sleep 13
+run SCHED_OFF vmm snapshot schedule right --off
+echo "SCHED_COUNT=$(vmm snapshot ls | grep -c '^right-20')"
+echo "SCHED_READY=$(vmm snapshot ls | grep '^right-20' | grep -c ready)"
+echo "SCHED_LOG=$(oneline </state/sandboxes/right/scheduler.log)"
+echo "RIGHT_AFTER_SCHED=$(vmm status right -o json | grep '"status"' | tr -d ' ,')"
+
+for s in dev left right; do vmm rm -f $s; done
+echo "LS_END=$(vmm ls | oneline)"
+echo "VMM_PROCS_LEFT=$(ps | grep -c '[v]mm run')"
+echo "SCHEDULERS_LEFT=$(ps | grep -c '[_]_scheduler')"
+"##;
+
+fn marker(run: &NestedRun, key: &str) -> String {
+    run.marker(key)
+        .unwrap_or_else(|| panic!("{}", run.failure(&format!("no {key}= marker"))))
+}
+
+/// Asserts `KEY_EXIT` and that `KEY_OUT` equals `out` (lines joined by '|').
+fn expect(run: &NestedRun, key: &str, code: i32, out: Option<&str>) {
+    let got = marker(run, &format!("{key}_EXIT"));
+    let err = run.marker(&format!("{key}_ERR")).unwrap_or_default();
+    assert_eq!(
+        got,
+        code.to_string(),
+        "{}",
+        run.failure(&format!(
+            "{key}: exit {got}, expected {code}; stderr: {err}"
+        ))
+    );
+    if let Some(out) = out {
+        let got = marker(run, &format!("{key}_OUT"));
+        assert_eq!(got, out, "{}", run.failure(&format!("{key} stdout")));
+    }
+}
+
+fn err_of(run: &NestedRun, key: &str) -> String {
+    run.marker(&format!("{key}_ERR")).unwrap_or_default()
+}
+
+#[test]
+fn nested_sandbox_and_snapshot_scenarios() {
+    let mut opts = NestedOptions::new("product").timeout(Duration::from_secs(900));
+    opts.mem_mib = 3072;
+    let run = run_nested(SCENARIO, opts);
+    run.assert_success();
+
+    // 1. use: creation, exit codes, output, env, workdir, stdin.
+    expect(&run, "CREATE", 7, Some("hello-from-dev|"));
+    expect(&run, "WARM", 0, Some(""));
+    expect(&run, "EXIT42", 42, Some("out|"));
+    assert_eq!(err_of(&run, "EXIT42"), "err|");
+    expect(&run, "ENV", 0, Some("bar /tmp|"));
+    run.assert_marker("STDIN_OUT", "piped|");
+
+    // 2. Checkpoint and restore; the source is paused after a snapshot.
+    expect(&run, "SAVE", 0, Some("before-risky|"));
+    run.assert_marker("PAUSED_STATUS", "\"status\":\"paused\"");
+    expect(&run, "RISKY", 0, None);
+    expect(&run, "GONE", 1, None);
+    expect(&run, "RM_RUNNING", 1, None);
+    assert!(
+        err_of(&run, "RM_RUNNING").contains("stop it first or use -f"),
+        "{}",
+        err_of(&run, "RM_RUNNING")
+    );
+    expect(&run, "RM_FORCE", 0, None);
+    expect(&run, "RESTORE", 0, None);
+    expect(&run, "RESTORED_DATA", 0, Some("precious|"));
+    expect(&run, "RESTORED_BROKEN", 0, Some("1|"));
+    run.assert_marker("COUNTER_ADVANCES", "yes");
+
+    // 3. Branches diverge; the source keeps running with --resume-source.
+    expect(&run, "BRANCH_SAVE", 0, Some("branch-point|"));
+    run.assert_marker("SOURCE_STATUS", "\"status\":\"running\"");
+    expect(&run, "LEFT", 0, None);
+    expect(&run, "RIGHT", 0, None);
+    expect(&run, "LEFT_FILE", 0, Some("base|left|"));
+    expect(&run, "RIGHT_FILE", 0, Some("base|right|"));
+    expect(&run, "DEV_FILE", 0, Some("base|"));
+
+    // 4. Installed files come along.
+    expect(&run, "TOOL_SAVE", 0, None);
+    expect(&run, "TOOL", 0, Some("tool-v1 ok|"));
+
+    // 5. Diff snapshot: parent recorded, memory and disk restored, and
+    // removal honors the dependency.
+    expect(&run, "DIFF", 0, None);
+    let diff: Value = serde_json::from_str(&marker(&run, "DIFF_OUT").replace('|', "")).unwrap();
+    assert_eq!(diff["type"], "diff");
+    assert_eq!(diff["parent"], "with-tool");
+    assert_eq!(diff["status"], "ready");
+    expect(&run, "FROMDIFF", 0, Some("diffdata|in-memory|tool-v1 x|"));
+    expect(&run, "RM_DEP", 1, None);
+    assert!(
+        err_of(&run, "RM_DEP").contains("left-diff"),
+        "{}",
+        err_of(&run, "RM_DEP")
+    );
+    expect(&run, "RM_DEP_FORCE", 0, Some("left-diff|with-tool|"));
+
+    // 6. Disk snapshot.
+    expect(&run, "DISK", 0, None);
+    let disk: Value = serde_json::from_str(&marker(&run, "DISK_OUT").replace('|', "")).unwrap();
+    assert_eq!(disk["type"], "disk");
+    assert!(
+        disk["guest_sync"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("frozen"),
+        "{disk}"
+    );
+    expect(&run, "FROMDISK", 0, Some("on-disk|base|right|"));
+
+    // 7. Stop and start.
+    expect(&run, "STOP", 0, None);
+    run.assert_marker("STOPPED_STATUS", "\"status\":\"stopped\"");
+    expect(&run, "AFTER_STOP", 0, Some("on-disk|"));
+    // The console log of the second boot (the log starts again per boot).
+    run.assert_marker("CONSOLE_READY", "1");
+    assert_eq!(marker(&run, "CONSOLE_TAIL").matches('|').count(), 1);
+    // --follow prints what the guest writes and ends when the sandbox stops.
+    expect(&run, "STOP2", 0, None);
+    run.assert_marker("FOLLOW_MARK", "1");
+    run.assert_marker("FOLLOW_ENDED", "yes");
+
+    // 8. Listings.
+    let ls: Value = serde_json::from_str(&marker(&run, "LS_JSON")).unwrap();
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dev", "left", "right"]);
+    assert!(ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["status"] == "running" && s["mem_mib"] == 128));
+    let snaps: Value = serde_json::from_str(&marker(&run, "SNAP_LS_JSON")).unwrap();
+    let snap_names: Vec<&str> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(snap_names, ["before-risky", "branch-point", "right-disk"]);
+    assert!(snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["status"] == "ready" && s["size_bytes"].as_u64().unwrap() > 0));
+    let table = marker(&run, "LS_TABLE");
+    let rows: Vec<&str> = table.split('|').filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        rows[0].split_whitespace().collect::<Vec<_>>(),
+        ["NAME", "STATUS", "CPU", "MEMORY", "CREATED"]
+    );
+    assert_eq!(rows.len(), 4, "{table}");
+    assert!(rows[1].starts_with("dev ") && rows[1].contains("running"));
+    let stable = marker(&run, "SNAP_LS_TABLE");
+    assert!(
+        stable.starts_with("NAME") && stable.contains("SANDBOX") && stable.contains("EXPIRES"),
+        "{stable}"
+    );
+
+    // 9. Not found is exit 3, a bad name is 1.
+    for key in ["NF_SNAP", "NF_STOP", "NF_LOGS", "NF_SNAP_RM", "NF_RESTORE"] {
+        expect(&run, key, 3, None);
+        let err = err_of(&run, key);
+        assert!(
+            err.starts_with("vmm: no s") && err.matches('|').count() == 1,
+            "{key}: one clear line expected: {err}"
+        );
+    }
+    expect(&run, "BAD_NAME", 1, None);
+    expect(&run, "LOGS_EXEC", 0, None);
+    let history = marker(&run, "LOGS_EXEC_OUT");
+    assert_eq!(history.matches('|').count(), 2, "{history}");
+    assert!(history.contains("exit=0"), "{history}");
+
+    // 10. Expiry.
+    expect(&run, "SHORT", 0, None);
+    run.assert_marker("SHORT_LISTED", "2");
+    expect(&run, "GC", 0, Some("short-lived|short-lived-2|"));
+    run.assert_marker("SHORT_AFTER_GC", "0");
+
+    // 11. Schedule: at least one automatic snapshot, ready, and the source
+    // still running.
+    expect(&run, "SCHED", 0, None);
+    assert!(marker(&run, "SCHED_OUT").starts_with("next snapshot at "));
+    expect(&run, "SCHED_OFF", 0, None);
+    let count: u32 = marker(&run, "SCHED_COUNT").parse().unwrap();
+    let ready: u32 = marker(&run, "SCHED_READY").parse().unwrap();
+    assert!(
+        (1..=3).contains(&count) && ready == count,
+        "{}",
+        run.failure(&format!(
+            "scheduled snapshots: {count}, ready {ready}; log: {}",
+            marker(&run, "SCHED_LOG")
+        ))
+    );
+    run.assert_marker("RIGHT_AFTER_SCHED", "\"status\":\"running\"");
+
+    run.assert_marker("LS_END", "NAME  STATUS  CPU  MEMORY  CREATED|");
+    run.assert_marker("VMM_PROCS_LEFT", "0");
+    run.assert_marker("SCHEDULERS_LEFT", "0");
+
+    for key in [
+        "T_CREATE",
+        "T_WARM",
+        "T_SAVE_FULL",
+        "T_RESTORE",
+        "T_RESTORE_LEFT",
+        "T_SAVE_DIFF",
+        "T_RESTORE_DIFF",
+    ] {
+        println!(
+            "nested (not a performance figure): {key} = {} s",
+            marker(&run, key)
+        );
+    }
+}
+
+/// Runs the vmm binary with a state directory; (exit code, stdout, stderr).
+fn vmm(state: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(vmm_binary());
+    cmd.args(args)
+        .env("VMM_STATE_DIR", state)
+        .env_remove("VMM_KERNEL")
+        .env_remove("VMM_ROOTFS");
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60));
+    assert!(!out.timed_out, "vmm {args:?} timed out");
+    (
+        out.output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.output.stdout).into_owned(),
+        String::from_utf8_lossy(&out.output.stderr).into_owned(),
+    )
+}
+
+fn state_dir(name: &str) -> PathBuf {
+    let dir = scratch_dir().join(format!("product-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A stopped sandbox as `vmm use` leaves one after `vmm stop`.
+fn stopped_sandbox(state: &Path, name: &str) {
+    let dir = state.join("sandboxes").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = std::fs::File::create(dir.join("disk.ext4")).unwrap();
+    disk.set_len(64 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    disk.write_all_at(b"disk-bytes", 1 << 20).unwrap();
+    let meta = serde_json::json!({
+        "name": name, "created": 1_700_000_000, "kernel": "/nonexistent/vmlinux",
+        "cmdline": "console=ttyS0", "vcpus": 1, "mem_mib": 128,
+        "origin": {"kind": "boot", "rootfs": "/nonexistent/rootfs.ext4"}
+    });
+    std::fs::write(dir.join("meta.json"), meta.to_string()).unwrap();
+}
+
+#[test]
+fn commands_without_a_vm() {
+    let state = state_dir("novm");
+    let s = state.as_path();
+
+    let (code, out, err) = vmm(s, &["ls"]);
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "NAME  STATUS  CPU  MEMORY  CREATED\n"),
+        "{err}"
+    );
+    let (code, out, _) = vmm(s, &["ls", "-o", "json"]);
+    assert_eq!((code, out.trim()), (0, "[]"));
+
+    // Not found: 3, one line.
+    for args in [
+        &["stop", "ghost"][..],
+        &["rm", "ghost"],
+        &["logs", "ghost"],
+        &["status", "ghost"],
+        &["snapshot", "rm", "ghost"],
+        &["snapshot", "save", "ghost"],
+        &["snapshot", "restore", "ghost", "--into", "x"],
+        &["use", "x", "--snapshot", "ghost", "--", "true"],
+    ] {
+        let (code, _, err) = vmm(s, args);
+        assert_eq!(code, 3, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("vmm: no s"), "{args:?}: {err}");
+    }
+    // Usage and validation errors: 1.
+    for (args, want) in [
+        (
+            &["use", "Bad_Name", "--", "true"][..],
+            "sandbox name \"Bad_Name\"",
+        ),
+        (
+            &["snapshot", "save", "x", "--expires-in", "5y"],
+            "unknown unit 'y'",
+        ),
+        (
+            &["snapshot", "schedule", "x", "--cron", "61 * * * *"],
+            "minute field",
+        ),
+        (
+            &["snapshot", "save", "x", "--type", "tiny"],
+            "invalid value 'tiny'",
+        ),
+        (&["snapshot", "rm"], "required"),
+    ] {
+        let (code, _, err) = vmm(s, args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // No guest anywhere: a clear error naming every way to give one.
+    let mut cmd = Command::new(vmm_binary());
+    cmd.args(["use", "fresh", "--", "true"])
+        .env("VMM_STATE_DIR", s)
+        .env("VMM_CACHE", s.join("empty-cache"))
+        .env_remove("VMM_KERNEL");
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30));
+    assert_eq!(out.output.status.code(), Some(1));
+    assert!(
+        out.stderr()
+            .contains("no guest kernel: give --kernel, set VMM_KERNEL"),
+        "{}",
+        out.stderr()
+    );
+    assert!(!s.join("sandboxes/fresh").exists());
+
+    // A stopped sandbox: listed, disk-only snapshots work, memory ones refuse.
+    stopped_sandbox(s, "cold");
+    let (code, out, _) = vmm(s, &["ls"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("cold  stopped  1    128 MiB  "),
+        "{out}"
+    );
+    let (code, _, err) = vmm(s, &["snapshot", "save", "cold"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is stopped"), "{err}");
+    let (code, out, err) = vmm(
+        s,
+        &[
+            "snapshot", "save", "cold", "--type", "disk", "--name", "keep", "-o", "json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["guest_sync"].as_str()),
+        (Some("ready"), Some("skipped"))
+    );
+    let copy = std::fs::read(s.join("snapshots/keep/disk")).unwrap();
+    assert_eq!(&copy[1 << 20..(1 << 20) + 10], b"disk-bytes");
+    assert_eq!(copy.len(), 64 << 20);
+    // An automatic name, and a name clash.
+    let (code, out, _) = vmm(
+        s,
+        &[
+            "snapshot",
+            "save",
+            "cold",
+            "--type",
+            "disk",
+            "--expires-in",
+            "1s",
+        ],
+    );
+    assert_eq!(code, 0);
+    let auto = out.trim().to_string();
+    assert!(
+        auto.starts_with("cold-") && auto.len() == "cold-YYYYMMDD-HHMMSS".len(),
+        "{auto}"
+    );
+    let (code, _, err) = vmm(
+        s,
+        &[
+            "snapshot", "save", "cold", "--type", "disk", "--name", "keep",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("snapshot keep already exists"), "{err}");
+
+    // Dependencies: a diff on `keep` blocks its removal without -f.
+    let dep = s.join("snapshots/keep-diff");
+    std::fs::create_dir_all(&dep).unwrap();
+    let mut meta: Value =
+        serde_json::from_slice(&std::fs::read(s.join("snapshots/keep/meta.json")).unwrap())
+            .unwrap();
+    meta["name"] = "keep-diff".into();
+    meta["kind"] = "diff".into();
+    meta["parent"] = "keep".into();
+    std::fs::write(dep.join("meta.json"), meta.to_string()).unwrap();
+    let (code, _, err) = vmm(s, &["snapshot", "rm", "keep"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("keep-diff") && err.contains("-f"), "{err}");
+    let (code, out, _) = vmm(s, &["snapshot", "ls"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("keep-diff") && out.contains("\nkeep "),
+        "{out}"
+    );
+
+    // Expiry: the 1s snapshot disappears on the next command.
+    std::thread::sleep(Duration::from_millis(2100));
+    let (code, out, _) = vmm(s, &["snapshot", "ls", "-o", "json"]);
+    assert_eq!(code, 0);
+    let names: Vec<String> = serde_json::from_str::<Vec<Value>>(&out)
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["keep", "keep-diff"], "{out}");
+
+    let (code, out, err) = vmm(s, &["snapshot", "rm", "-f", "keep"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "keep-diff\nkeep\n");
+    let (code, _, _) = vmm(s, &["rm", "cold"]);
+    assert_eq!(code, 0);
+    let (_, out, _) = vmm(s, &["snapshot", "ls", "-o", "json"]);
+    assert_eq!(out.trim(), "[]");
+    let (_, out, _) = vmm(s, &["status"]);
+    assert!(
+        out.contains("state_dir:") && out.contains("sandboxes:"),
+        "{out}"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}
