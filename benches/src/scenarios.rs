@@ -20,6 +20,8 @@ pub enum Scenario {
     SnapshotFull,
     SnapshotDiff,
     RestoreFile,
+    SnapshotLive,
+    RestoreUffd,
     Clones,
 }
 
@@ -31,6 +33,8 @@ impl Scenario {
             Scenario::SnapshotFull => "snapshot-full",
             Scenario::SnapshotDiff => "snapshot-diff",
             Scenario::RestoreFile => "restore-file",
+            Scenario::SnapshotLive => "snapshot-live",
+            Scenario::RestoreUffd => "restore-uffd",
             Scenario::Clones => "clones",
         }
     }
@@ -54,6 +58,15 @@ impl Scenario {
                 "memory file restored MAP_PRIVATE from a snapshot just written (warm page cache)",
                 "vmm: in-process build_from_snapshot + start_paused + resume; process_* = a new process doing the same (spawn included)",
                 "firecracker: a new process (spawn included) + PUT /snapshot/load with resume_vm",
+            ],
+            Scenario::SnapshotLive => &[
+                "live snapshot of the running guest: pause = guest-visible pause (state saved, memory write-protected); total = until both files are in place",
+                "firecracker: no live snapshots",
+            ],
+            Scenario::RestoreUffd => &[
+                "lazy restore through userfaultfd from the base snapshot; to_running = vCPUs running (first guest instruction), to_output = the guest's first console output",
+                "nows = no working set (pages served on fault; the faults until first output become the working set); ws = that working set prefetched first",
+                "firecracker: its Uffd backend needs an external page-fault handler (not run)",
             ],
             Scenario::Clones => &["N guests restored from one snapshot at once; total = common start to the last one running"],
         }
@@ -128,6 +141,45 @@ fn one_run(
             Ok(())
         }
         Scenario::SnapshotDiff => diff_run(slot, s, run, m),
+        Scenario::SnapshotLive => {
+            let files = SnapshotFiles::in_dir(&slot.dir, "live");
+            files.remove();
+            let t = slot.target.as_mut();
+            t.resume()?;
+            let live = t.live_snapshot(&files);
+            t.pause()?;
+            if let Some(l) = live? {
+                m.push_ms("guest_visible_pause", l.pause);
+                m.push_ms("total", l.total);
+                m.push("mem_bytes_written", "bytes", l.bytes as f64);
+                m.push("write_faults", "faults", l.write_faults as f64);
+            }
+            files.remove();
+            Ok(())
+        }
+        Scenario::RestoreUffd => {
+            let base = ensure_base(slot)?;
+            let t = slot.target.as_ref();
+            if let Some(cold) = t.restore_uffd(&base, &slot.dir, false)? {
+                if let Some(warm) = t.restore_uffd(&base, &slot.dir, true)? {
+                    for (tag, u) in [("nows", &cold), ("ws", &warm)] {
+                        m.push_ms(&format!("{tag}_to_running"), u.to_running);
+                        m.push_ms(&format!("{tag}_to_output"), u.to_output);
+                        m.push(&format!("{tag}_faults"), "faults", u.faults as f64);
+                        m.push(&format!("{tag}_served"), "MiB", u.served_mib);
+                    }
+                    m.push("ws_prefetched_pages", "pages", warm.prefetched_pages as f64);
+                    if warm.to_output > Duration::ZERO {
+                        m.push(
+                            "speedup_to_output",
+                            "ratio",
+                            ms(cold.to_output) / ms(warm.to_output),
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
         Scenario::RestoreFile => {
             let base = ensure_base(slot)?;
             // The first (warm-up) run also checks the restored guest runs.
@@ -329,6 +381,22 @@ mod tests {
         fn run_for(&mut self, _: Duration) -> Result<()> {
             Ok(())
         }
+        fn live_snapshot(
+            &mut self,
+            _: &SnapshotFiles,
+        ) -> Result<Option<crate::target::LiveTiming>> {
+            Ok(None)
+        }
+
+        fn restore_uffd(
+            &self,
+            _: &SnapshotFiles,
+            _: &Path,
+            _: bool,
+        ) -> Result<Option<crate::target::UffdTiming>> {
+            Ok(None)
+        }
+
         fn dense_diff(
             &self,
             _base: &SnapshotFiles,

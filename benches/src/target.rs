@@ -66,6 +66,29 @@ pub struct ClonesTiming {
     pub per_vm: Vec<Duration>,
 }
 
+/// A live snapshot of the running guest.
+#[derive(Debug, Clone)]
+pub struct LiveTiming {
+    /// How long the guest was paused.
+    pub pause: Duration,
+    /// Until both files were in place.
+    pub total: Duration,
+    pub bytes: u64,
+    pub write_faults: u64,
+}
+
+/// A lazy (userfaultfd) restore.
+#[derive(Debug, Clone)]
+pub struct UffdTiming {
+    /// To vCPUs running (the guest's first instruction), prefetch included.
+    pub to_running: Duration,
+    /// To the guest's first console output after the restore.
+    pub to_output: Duration,
+    pub faults: u64,
+    pub prefetched_pages: u64,
+    pub served_mib: f64,
+}
+
 /// Full and diff snapshot of the same densely populated guest.
 #[derive(Debug, Clone)]
 pub struct DenseDiff {
@@ -90,6 +113,17 @@ pub trait Target {
     /// (paused guest; same content, so the guest is unharmed). Returns the
     /// number of pages, or None when the target cannot do it.
     fn touch_memory(&mut self, fraction: f64, seed: u64) -> Result<Option<u64>>;
+    /// A live snapshot of the running guest (None if unsupported).
+    fn live_snapshot(&mut self, files: &SnapshotFiles) -> Result<Option<LiveTiming>>;
+    /// Restores `files` lazily through userfaultfd, prefetching the saved
+    /// working set when `prefetch` (else recording one), until the guest's
+    /// next console output (None if unsupported).
+    fn restore_uffd(
+        &self,
+        files: &SnapshotFiles,
+        work: &Path,
+        prefetch: bool,
+    ) -> Result<Option<UffdTiming>>;
     /// On a throwaway copy of `base` (never resumed), with every page of
     /// memory holding data: a full snapshot, then `fraction` of the pages
     /// rewritten, then a diff snapshot. None when the target cannot reach

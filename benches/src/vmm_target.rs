@@ -19,7 +19,8 @@ use crate::rng::Rng;
 use crate::serial::LogWatch;
 use crate::signals;
 use crate::target::{
-    ClonesTiming, DenseDiff, RestoreTiming, SnapKind, SnapshotDetail, SnapshotFiles, Target,
+    ClonesTiming, DenseDiff, LiveTiming, RestoreTiming, SnapKind, SnapshotDetail, SnapshotFiles,
+    Target, UffdTiming,
 };
 
 /// Page size of guest memory as the snapshot files see it.
@@ -296,6 +297,105 @@ impl Target for VmmTarget {
                 .map_err(|e| BenchError::Vmm(format!("guest page {:#x}: {e}", addr.0)))?;
         }
         Ok(Some(count))
+    }
+
+    fn live_snapshot(&mut self, files: &SnapshotFiles) -> Result<Option<LiveTiming>> {
+        let vm = self.vm()?;
+        let pause = vm
+            .begin_live_snapshot(&files.state, &files.mem)
+            .map_err(BenchError::vmm("live snapshot"))?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(reason) = vm.run_once() {
+                return Err(BenchError::GuestStopped(format!(
+                    "during a live snapshot: {reason}"
+                )));
+            }
+            if let Some(done) = vm.poll_live_snapshot() {
+                let stats = done.map_err(BenchError::vmm("live snapshot"))?;
+                return Ok(Some(LiveTiming {
+                    pause,
+                    total: stats.total,
+                    bytes: stats.copy.memory.bytes_written,
+                    write_faults: stats.copy.write_faults,
+                }));
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Vmm(
+                    "live snapshot did not finish in 120 s".into(),
+                ));
+            }
+        }
+    }
+
+    fn restore_uffd(
+        &self,
+        files: &SnapshotFiles,
+        work: &Path,
+        prefetch: bool,
+    ) -> Result<Option<UffdTiming>> {
+        let ws = snapshot::uffd::working_set::path_for(&files.mem);
+        if !prefetch {
+            let _ = std::fs::remove_file(&ws);
+        }
+        let serial = work.join("vmm-uffd-serial.log");
+        let t0 = Instant::now();
+        let params = RestoreParams {
+            state_path: files.state.clone(),
+            memory: MemoryBackend::Uffd {
+                path: files.mem.clone(),
+                options: vmm::lazy::LazyOptions {
+                    prefetch,
+                    record_ms: 0,
+                    background_fill: false,
+                },
+            },
+            track_dirty_pages: false,
+            serial: SerialOutput::File(serial.clone()),
+            overrides: Default::default(),
+        };
+        let mut vm =
+            VmGuard(build_from_snapshot(&params).map_err(BenchError::vmm("lazy restore"))?);
+        vm.0.start_paused()
+            .and_then(|()| vm.0.resume())
+            .map_err(|e| BenchError::Vmm(format!("resuming the lazy restore: {e}")))?;
+        let to_running = t0.elapsed();
+        if !prefetch {
+            // Record what the guest touches until its first output.
+            if let Some(lazy) = vm.0.lazy_memory() {
+                lazy.save_working_set()
+                    .map_err(BenchError::vmm("working set"))?;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) == 0 {
+            if let Some(reason) = vm.0.run_once_for(Duration::from_millis(1)) {
+                return Err(BenchError::GuestStopped(format!(
+                    "lazily restored guest: {reason}"
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Vmm(
+                    "no console output within 60 s of a lazy restore".into(),
+                ));
+            }
+        }
+        let to_output = t0.elapsed();
+        let lazy =
+            vm.0.lazy_memory()
+                .ok_or_else(|| BenchError::Vmm("restored VM has no page server".into()))?;
+        if !prefetch {
+            lazy.save_working_set()
+                .map_err(BenchError::vmm("working set"))?;
+        }
+        let stats = lazy.stats();
+        Ok(Some(UffdTiming {
+            to_running,
+            to_output,
+            faults: stats.server.faults,
+            prefetched_pages: stats.prefetched,
+            served_mib: stats.server.bytes_copied as f64 / (1 << 20) as f64,
+        }))
     }
 
     fn dense_diff(

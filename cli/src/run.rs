@@ -64,6 +64,9 @@ pub struct RunArgs {
     /// Guest profile (default: detected from the host's KVM).
     #[arg(long, value_enum)]
     profile: Option<ProfileArg>,
+    /// Run without seccomp filters (debugging only: any syscall allowed).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -156,6 +159,8 @@ impl RunArgs {
 
 /// Runs the VM; returns the process exit code.
 pub fn run(args: RunArgs) -> i32 {
+    // Before any VMM thread starts: each reads it as it installs its filter.
+    vmm::seccomp::set_enabled(!args.no_seccomp);
     let vm = match args.initial_vm() {
         Ok(vm) => vm,
         Err(e) => {

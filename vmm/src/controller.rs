@@ -116,7 +116,14 @@ impl Controller {
     }
 
     /// Runs until the VM ends or a stop is requested; returns why.
+    /// The VMM thread's seccomp filter is installed first.
     pub fn run(mut self) -> StopReason {
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vmm) {
+            if let Some(vm) = self.vm.as_mut() {
+                vm.shutdown();
+            }
+            return StopReason::VmmError(e.to_string());
+        }
         loop {
             match self.vm.as_mut() {
                 Some(vm) => {

@@ -91,8 +91,10 @@ impl LazyMemory {
             lazy.prefetch_time = t.elapsed();
             lazy.prefetched_set = pages;
         }
+        // Always record: a timed record ends by itself, otherwise
+        // `save_working_set` (the guest is ready) ends it.
+        lazy.server.start_recording();
         if opts.record_ms > 0 {
-            lazy.server.start_recording();
             lazy.record_until = Some(Instant::now() + Duration::from_millis(opts.record_ms));
         }
         Ok(lazy)

@@ -16,6 +16,7 @@ pub mod live_snapshot;
 pub mod memory;
 pub mod microvm;
 pub mod profile;
+pub mod seccomp;
 pub mod snapshot;
 pub mod stop;
 pub mod vcpu;

@@ -237,6 +237,12 @@ impl Microvm {
         } else {
             TICK_MS
         };
+        self.run_once_for(Duration::from_millis(tick as u64))
+    }
+
+    /// [`Microvm::run_once`] with a tick of at most `timeout`.
+    pub fn run_once_for(&mut self, timeout: Duration) -> Option<StopReason> {
+        let tick = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         if let Err(e) = self.events.run_with_timeout(tick) {
             self.stop
                 .report(StopReason::VmmError(format!("event loop: {e}")));

@@ -381,12 +381,15 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         .map_err(BuildError::from)?;
     let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
     phase("devices restored");
+    // The clock, irqchip and PIT first: writing the kvmclock MSRs of a vCPU
+    // makes KVM fill in the guest's wall-clock data from the VM clock, which
+    // must already be the guest's.
+    vm_state::restore(vm.fd(), &state.vm).map_err(BuildError::from)?;
+    phase("VM state restored");
     let vcpus = builder::create_vcpus(&vm, &devices, &stop, config.vcpus, |index, fd| {
         vcpu_state::restore(fd, &state.vcpus[usize::from(index)]).map_err(BuildError::from)
     })?;
     phase("vCPUs restored");
-    vm_state::restore(vm.fd(), &state.vm).map_err(BuildError::from)?;
-    phase("VM state restored");
     let msr_indices = Arc::new(builder::msr_indices(&kvm)?);
     Ok(Microvm::new(MicrovmParts {
         config,

@@ -136,11 +136,17 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                let state = if start_paused {
+                let mut state = if start_paused {
                     VcpuState::Paused
                 } else {
                     VcpuState::Running
                 };
+                // Before the guest runs; without its filter it never does.
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                    self.stop
+                        .report(StopReason::VmmError(format!("vCPU {index}: {e}")));
+                    state = VcpuState::Exited;
+                }
                 VcpuLoop {
                     vcpu: self,
                     requests: req_rx,

@@ -21,7 +21,8 @@ use crate::process::ChildGuard;
 use crate::serial::LogWatch;
 use crate::signals;
 use crate::target::{
-    ClonesTiming, DenseDiff, RestoreTiming, SnapKind, SnapshotDetail, SnapshotFiles, Target,
+    ClonesTiming, DenseDiff, LiveTiming, RestoreTiming, SnapKind, SnapshotDetail, SnapshotFiles,
+    Target, UffdTiming,
 };
 use crate::vmm_target::{GuestSpec, WarmOutcome, WarmSpec};
 use http::ApiClient;
@@ -300,6 +301,21 @@ impl Target for FirecrackerTarget {
                 "firecracker guest not running".into(),
             ))
         }
+    }
+
+    fn live_snapshot(&mut self, _files: &SnapshotFiles) -> Result<Option<LiveTiming>> {
+        // Firecracker has no live snapshots.
+        Ok(None)
+    }
+
+    fn restore_uffd(
+        &self,
+        _files: &SnapshotFiles,
+        _work: &Path,
+        _prefetch: bool,
+    ) -> Result<Option<UffdTiming>> {
+        // Its Uffd backend needs an external page-fault handler process.
+        Ok(None)
     }
 
     fn dense_diff(

@@ -126,7 +126,15 @@ impl ApiServer {
         };
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                // Before the first client; without its filter no request is
+                // served (the VMM sees the request channel close).
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Api) {
+                    log::error!("API server not started: {e}");
+                    return;
+                }
+                worker.run()
+            })
             .map_err(|e| {
                 remove();
                 ApiError::Thread(e)

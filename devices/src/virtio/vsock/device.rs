@@ -170,10 +170,12 @@ impl Vsock {
             return;
         }
         loop {
-            self.process_tx();
-            self.process_rx();
+            let tx = self.process_tx();
+            let rx = self.process_rx();
             // TX stops when the RST queue is full; rx may have made room.
-            if self.muxer.rst_queue_full() || !self.tx_has_avail() {
+            // Without progress on either (e.g. an avail index the queue
+            // refuses), stop: looping again would spin forever.
+            if (!tx && !rx) || self.muxer.rst_queue_full() || !self.tx_has_avail() {
                 break;
             }
         }
@@ -191,10 +193,10 @@ impl Vsock {
     }
 
     /// Consumes packets the guest sent. Malformed ones are logged and
-    /// dropped.
-    pub fn process_tx(&mut self) {
+    /// dropped. Returns whether any chain was consumed.
+    pub fn process_tx(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else {
-            return;
+            return false;
         };
         let mut used = false;
         loop {
@@ -219,12 +221,14 @@ impl Vsock {
         if used {
             signal_used(active, TX_QUEUE);
         }
+        used
     }
 
-    /// Fills guest rx buffers with pending packets.
-    pub fn process_rx(&mut self) {
+    /// Fills guest rx buffers with pending packets. Returns whether any
+    /// buffer was used.
+    pub fn process_rx(&mut self) -> bool {
         let Some(active) = self.active.as_mut() else {
-            return;
+            return false;
         };
         let mut used = false;
         while self.muxer.has_rx_work() {
@@ -274,6 +278,7 @@ impl Vsock {
         if used {
             signal_used(active, RX_QUEUE);
         }
+        used
     }
 }
 

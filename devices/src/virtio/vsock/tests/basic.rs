@@ -503,3 +503,21 @@ fn driver_reset_and_reactivation() {
     assert_eq!(req.op, OP_REQUEST);
     assert_eq!(h.turn(50), 0);
 }
+
+/// Regression (found by fuzzing): an avail index the queue refuses (more
+/// than a queue's worth ahead) made the queue loop spin forever on the
+/// event-loop thread. The device must give up on the queue and return.
+#[test]
+fn out_of_range_tx_avail_index_does_not_hang() {
+    let mut h = Harness::new(4);
+    let avail_idx = vm_memory::GuestAddress(h.guest.txq.avail.0 + 2);
+    h.guest.mem.write_obj(0x0100u16, avail_idx).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dev = h.dev.clone();
+    std::thread::spawn(move || {
+        dev.lock().unwrap().process_queues();
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(5))
+        .expect("process_queues must return on a refused avail index");
+}
