@@ -509,7 +509,7 @@ fn driver_reset_and_reactivation() {
 /// event-loop thread. The device must give up on the queue and return.
 #[test]
 fn out_of_range_tx_avail_index_does_not_hang() {
-    let mut h = Harness::new(4);
+    let h = Harness::new(4);
     let avail_idx = vm_memory::GuestAddress(h.guest.txq.avail.0 + 2);
     h.guest.mem.write_obj(0x0100u16, avail_idx).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
