@@ -446,7 +446,7 @@ mod tests {
             r#"{"snapshot_type":"diff","snapshot_path":"s","mem_file_path":"m"}"#,
         )
         .unwrap_err();
-        assert!(e.to_string().contains("expected `Full` or `Diff`"), "{e}");
+        assert!(e.to_string().contains("unknown variant `diff`"), "{e}");
 
         let p: MergeDiffParams = serde_json::from_str(
             r#"{"base_mem_file_path":"b","diff_mem_file_path":"d","snapshot_path":"s"}"#,
