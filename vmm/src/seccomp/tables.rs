@@ -314,6 +314,10 @@ const VCPU: &[Allow] = &[
     // virtio activation clones queue eventfds (fcntl) and wakes the event
     // loop (write); all in RUNTIME.
     allow!(SYS_ioctl, arg 1 in VCPU_IOCTLS),
+    // A guest that resets its virtio devices (reboot, driver reload) does so
+    // by MMIO writes on this thread; the vsock reset shuts down the host
+    // ends of its connections (they are closed later on the event loop).
+    allow!(SYS_shutdown),
 ];
 
 pub(super) const VCPU_GROUPS: &[&[Allow]] = &[RUNTIME, VCPU];
