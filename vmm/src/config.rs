@@ -141,12 +141,7 @@ impl VmConfig {
 
     /// Checks everything that can be checked before building the VM.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(ConfigError::Vcpus(self.vcpus));
-        }
-        if !(16..=MAX_MEM_MIB).contains(&self.mem_mib) {
-            return Err(ConfigError::Memory(self.mem_mib));
-        }
+        self.validate_limits()?;
         check_file("kernel", &self.kernel)?;
         if let Some(initrd) = &self.initrd {
             check_file("initrd", initrd)?;
@@ -202,6 +197,18 @@ impl VmConfig {
             out.push((id, d.clone()));
         }
         out
+    }
+
+    /// The resource limits alone (vCPUs, memory), without touching any
+    /// file: what a snapshot's configuration must satisfy on restore.
+    pub fn validate_limits(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if !(16..=MAX_MEM_MIB).contains(&self.mem_mib) {
+            return Err(ConfigError::Memory(self.mem_mib));
+        }
+        Ok(())
     }
 
     /// The profile in effect.

@@ -322,6 +322,10 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         });
     }
     state
+        .config
+        .validate_limits()
+        .map_err(|e| RestoreError::Inconsistent(e.to_string()))?;
+    state
         .memory_layout
         .validate()
         .map_err(|e| RestoreError::Inconsistent(e.to_string()))?;
