@@ -86,6 +86,8 @@ pub enum SnapshotError {
     VmState(#[from] vcpu_state::StateError),
     #[error("reading the dirty log: {0}")]
     DirtyLog(String),
+    #[error("populating lazily restored memory before the snapshot: {0}")]
+    Populate(String),
     #[error("writing memory file {path}: {source}")]
     Memory {
         path: PathBuf,
@@ -129,9 +131,8 @@ impl Microvm {
         if let Some(lazy) = &self.lazy {
             // Pages the page server has not filled yet are the memory
             // file's, not zero: bring them all in before writing.
-            lazy.populate_all().map_err(|e| {
-                SnapshotError::DirtyLog(format!("populating lazily restored memory: {e}"))
-            })?;
+            lazy.populate_all()
+                .map_err(|e| SnapshotError::Populate(e.to_string()))?;
         }
         let layout = MemoryLayout::from_memory(&self.mem);
         let dirty = self.take_dirty_pages(&layout)?;
