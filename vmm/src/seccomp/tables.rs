@@ -397,7 +397,7 @@ const VMM: &[Allow] = &[
     allow!(SYS_connect),
     allow!(SYS_recvfrom),
     allow!(SYS_sendto),
-    allow!(SYS_shutdown),
+    // shutdown: in the vCPU list, which this one includes.
     // Uffd restores without /dev/userfaultfd use the syscall.
     allow!(SYS_userfaultfd),
     // Threads: vCPUs of a restored VM, page server, page fill, live copy.
