@@ -359,14 +359,9 @@ impl Target for VmmTarget {
         vm.0.start_paused()
             .and_then(|()| vm.0.resume())
             .map_err(|e| BenchError::Vmm(format!("resuming the lazy restore: {e}")))?;
+        // The page server records what the guest touches from here on; the set
+        // is saved once the guest has printed (its "ready" here).
         let to_running = t0.elapsed();
-        if !prefetch {
-            // Record what the guest touches until its first output.
-            if let Some(lazy) = vm.0.lazy_memory() {
-                lazy.save_working_set()
-                    .map_err(BenchError::vmm("working set"))?;
-            }
-        }
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) == 0 {
             if let Some(reason) = vm.0.run_once_for(Duration::from_millis(1)) {
