@@ -122,32 +122,18 @@ impl<'a> HostRegion<'a> {
         len: usize,
         file_offset: u64,
     ) -> io::Result<()> {
-        let (offset, len) = self.clamp(offset, len);
-        let mut done = 0;
-        while done < len {
-            let pos = to_off_t(file_offset, done)?;
-            // SAFETY: reads `len - done` bytes inside the mapping; the kernel
-            // copies them and reports faults as EFAULT rather than crashing.
-            let n = unsafe {
-                libc::pwrite(
-                    file.as_raw_fd(),
-                    self.ptr.add(offset + done).cast::<libc::c_void>(),
-                    len - done,
-                    pos,
-                )
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => return Err(io::ErrorKind::WriteZero.into()),
-                _ => {
-                    let err = io::Error::last_os_error();
-                    if err.kind() != io::ErrorKind::Interrupted {
-                        return Err(err);
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.transfer(
+            offset,
+            len,
+            file_offset,
+            io::ErrorKind::WriteZero,
+            |ptr, n, pos| {
+                // SAFETY: `ptr..ptr+n` lies inside the mapping (see `transfer`);
+                // the kernel copies from it and reports faults as EFAULT rather
+                // than crashing.
+                unsafe { libc::pwrite(file.as_raw_fd(), ptr.cast::<libc::c_void>(), n, pos) }
+            },
+        )
     }
 
     /// Fills `len` bytes of guest memory at `offset` from `file` at
@@ -159,23 +145,40 @@ impl<'a> HostRegion<'a> {
         len: usize,
         file_offset: u64,
     ) -> io::Result<()> {
+        self.transfer(
+            offset,
+            len,
+            file_offset,
+            io::ErrorKind::UnexpectedEof,
+            |ptr, n, pos| {
+                // SAFETY: `ptr..ptr+n` lies inside the mapping (see `transfer`),
+                // which is writable guest memory owned by the borrowed region.
+                unsafe { libc::pread(file.as_raw_fd(), ptr.cast::<libc::c_void>(), n, pos) }
+            },
+        )
+    }
+
+    /// The retry loop shared by [`Self::write_to`] and [`Self::read_from`]:
+    /// calls `op(ptr, n, pos)` (a pwrite or pread) on the rest of the range
+    /// until it is done, retrying EINTR; a zero return is `on_zero`.
+    fn transfer(
+        &self,
+        offset: usize,
+        len: usize,
+        file_offset: u64,
+        on_zero: io::ErrorKind,
+        mut op: impl FnMut(*mut u8, usize, libc::off_t) -> isize,
+    ) -> io::Result<()> {
         let (offset, len) = self.clamp(offset, len);
         let mut done = 0;
         while done < len {
             let pos = to_off_t(file_offset, done)?;
-            // SAFETY: writes at most `len - done` bytes inside the mapping,
-            // which is writable guest memory owned by the borrowed region.
-            let n = unsafe {
-                libc::pread(
-                    file.as_raw_fd(),
-                    self.ptr.add(offset + done).cast::<libc::c_void>(),
-                    len - done,
-                    pos,
-                )
-            };
-            match n {
+            // SAFETY: `offset + done < offset + len`, which `clamp` keeps
+            // within the mapping.
+            let ptr = unsafe { self.ptr.add(offset + done) };
+            match op(ptr, len - done, pos) {
                 n if n > 0 => done += n as usize,
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                0 => return Err(on_zero.into()),
                 _ => {
                     let err = io::Error::last_os_error();
                     if err.kind() != io::ErrorKind::Interrupted {
