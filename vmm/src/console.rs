@@ -15,6 +15,9 @@ const MAX_PENDING: usize = 4096;
 struct Inner {
     out: Box<dyn Write + Send>,
     pending: Vec<u8>,
+    /// The line being received, kept apart from `pending` (which partial
+    /// flushes empty) so the panic watch always sees whole lines.
+    line: Vec<u8>,
     panic: Option<(String, Instant)>,
 }
 
@@ -23,18 +26,33 @@ impl Inner {
         if self.pending.is_empty() {
             return Ok(());
         }
-        if self.panic.is_none() {
-            if let Some(pos) = find(&self.pending, PANIC_MARKER) {
-                let line = String::from_utf8_lossy(&self.pending[pos..]);
-                self.panic = Some((line.trim_end().to_string(), Instant::now()));
-            }
-        }
         let result = self
             .out
             .write_all(&self.pending)
             .and_then(|_| self.out.flush());
         self.pending.clear();
         result
+    }
+}
+
+impl Inner {
+    /// Feeds output to the panic watch a line at a time.
+    fn watch(&mut self, buf: &[u8]) {
+        for &b in buf {
+            if b != b'\n' {
+                if self.line.len() < MAX_PENDING {
+                    self.line.push(b);
+                }
+                continue;
+            }
+            if self.panic.is_none() {
+                if let Some(pos) = find(&self.line, PANIC_MARKER) {
+                    let line = String::from_utf8_lossy(&self.line[pos..]);
+                    self.panic = Some((line.trim_end().to_string(), Instant::now()));
+                }
+            }
+            self.line.clear();
+        }
     }
 }
 
@@ -56,6 +74,7 @@ impl Console {
             inner: Arc::new(Mutex::new(Inner {
                 out,
                 pending: Vec::new(),
+                line: Vec::new(),
                 panic: None,
             })),
         }
@@ -79,6 +98,7 @@ impl Console {
 impl Write for Console {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut inner = self.lock();
+        inner.watch(buf);
         inner.pending.extend_from_slice(buf);
         if buf.contains(&b'\n') || inner.pending.len() >= MAX_PENDING {
             inner.write_out()?;
@@ -107,6 +127,21 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn panic_line_is_whole_even_when_a_partial_line_was_flushed() {
+        let mut c = Console::new(Box::new(Sink::default()));
+        c.write_all(b"[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root")
+            .unwrap();
+        c.sync().unwrap();
+        assert!(c.panic().is_none(), "only whole lines count");
+        c.write_all(b" fs on unknown-block(0,0)\n").unwrap();
+        let (line, _) = c.panic().unwrap();
+        assert_eq!(
+            line,
+            "Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)"
+        );
     }
 
     #[test]
