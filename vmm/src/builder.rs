@@ -94,8 +94,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Microvm, BuildError> {
     config.validate()?;
     let kvm = open_kvm()?;
     let mem = memory::create_anonymous(config.mem_mib)?;
-    let mut vm = Vm::new(&kvm)?;
-    vm.register_memory(&mem, config.track_dirty_pages)?;
+    let vm = Vm::new(&kvm, &mem, config.track_dirty_pages)?;
 
     let console = console_for(config)?;
     let mut devices = DeviceManager::new(&vm, console.clone(), None)?;

@@ -365,12 +365,8 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         }
     };
     phase("memory mapped");
-    let mut vm = Vm::new(&kvm).map_err(BuildError::from)?;
-    phase("VM created");
-    vm.register_memory(&mem, config.track_dirty_pages)
-        .map_err(BuildError::from)?;
-
-    phase("memory registered");
+    let vm = Vm::new(&kvm, &mem, config.track_dirty_pages).map_err(BuildError::from)?;
+    phase("VM created, memory registered");
     let console = builder::console_for(&config)?;
     let mut devices =
         DeviceManager::new(&vm, console.clone(), Some(&state.devices)).map_err(BuildError::from)?;

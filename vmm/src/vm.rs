@@ -55,31 +55,37 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM and its in-kernel devices.
-    pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
+    /// Creates the VM, registers `mem` as its memory slots (slot i = region
+    /// i, with dirty logging when `track_dirty` is set), then creates the
+    /// in-kernel irqchip and PIT.
+    ///
+    /// Memory comes before the irqchip on purpose: on kvm_pvm, registering a
+    /// 1 GiB slot after KVM_CREATE_IRQCHIP takes ~6.6 ms, before it ~0.4 ms
+    /// (measured with a bare ioctl sequence), and that is most of a restore.
+    pub fn new(kvm: &Kvm, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+        let vm = Self {
+            fd,
+            dirty_tracking: track_dirty,
+        };
+        vm.register_memory(mem)?;
+        vm.fd
+            .set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip()
+        vm.fd
+            .create_irq_chip()
             .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        Ok(Self {
-            fd,
-            dirty_tracking: false,
-        })
+        vm.fd
+            .create_pit2(pit)
+            .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        Ok(vm)
     }
 
-    /// Registers every guest memory region as a KVM memory slot (slot i =
-    /// region i), with dirty logging when `track_dirty` is set.
-    pub fn register_memory(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        track_dirty: bool,
-    ) -> Result<(), VmError> {
+    fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let userspace_addr = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -87,7 +93,7 @@ impl Vm {
                 as u64;
             let desc = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: if track_dirty {
+                flags: if self.dirty_tracking {
                     KVM_MEM_LOG_DIRTY_PAGES
                 } else {
                     0
@@ -102,7 +108,6 @@ impl Vm {
             unsafe { self.fd.set_user_memory_region(desc) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        self.dirty_tracking = track_dirty;
         Ok(())
     }
 
