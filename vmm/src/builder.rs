@@ -97,7 +97,8 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Microvm, BuildError> {
     let vm = Vm::new(&kvm, &mem, config.track_dirty_pages)?;
 
     let console = console_for(config)?;
-    let mut devices = DeviceManager::new(&vm, console.clone(), None)?;
+    let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
+    let mut devices = DeviceManager::new(&vm, console.clone(), &stop, None)?;
     for (id, disk) in config.disks() {
         devices.add_block(&vm, &mem, id, disk)?;
     }
@@ -120,7 +121,6 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Microvm, BuildError> {
     mptable::setup_mptable(&mem, config.vcpus)?;
     regs::write_boot_tables(&mem)?;
 
-    let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;

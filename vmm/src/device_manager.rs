@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::{IRQ_FIRST_VIRTIO, IRQ_MAX, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::console::Console;
 use crate::microvm::Subscriber;
+use crate::stop::{GuestResetLine, VmStop};
 use crate::vm::{kvm_err, Vm, VmError};
 
 /// Why a device could not be set up.
@@ -172,8 +173,6 @@ pub struct DeviceManager {
     pub mmio: Bus,
     pub serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
-    /// Written by the i8042 when the guest resets the CPU.
-    pub reset_evt: EventFd,
     /// Kernel command-line arguments describing the devices.
     cmdline: Vec<String>,
     virtio: Vec<VirtioSlot>,
@@ -200,11 +199,12 @@ fn restore_err(device: &'static str) -> impl FnOnce(std::io::Error) -> DeviceErr
 }
 
 impl DeviceManager {
-    /// Creates COM1 (the console) and the i8042, fresh or from `state`
-    /// when restoring a snapshot.
+    /// Creates COM1 (the console) and the i8042, whose reset line reports a
+    /// guest reset to `stop`, fresh or from `state` when restoring a snapshot.
     pub fn new(
         vm: &Vm,
         console: Console,
+        stop: &Arc<VmStop>,
         state: Option<&DevicesState>,
     ) -> Result<Self, DeviceError> {
         let serial_irq = irq_line(vm, COM1_IRQ, "serial interrupt")?;
@@ -215,19 +215,11 @@ impl DeviceManager {
         };
         let serial = Arc::new(Mutex::new(serial));
 
-        let reset_evt = eventfd("i8042 reset")?;
-        let reset_clone = reset_evt
-            .try_clone()
-            .map_err(|source| DeviceError::EventFd {
-                device: "i8042 reset",
-                source,
-            })?;
+        let reset = Box::new(GuestResetLine(stop.clone()));
         let kbd_irq = irq_line(vm, I8042_KBD_IRQ, "i8042 interrupt")?;
         let i8042 = match state {
-            None => I8042::new(reset_clone, kbd_irq),
-            Some(s) => {
-                I8042::restore((reset_clone, kbd_irq), &s.i8042).map_err(restore_err("i8042"))?
-            }
+            None => I8042::new(reset, kbd_irq),
+            Some(s) => I8042::restore((reset, kbd_irq), &s.i8042).map_err(restore_err("i8042"))?,
         };
         let i8042 = Arc::new(Mutex::new(i8042));
 
@@ -242,7 +234,6 @@ impl DeviceManager {
             mmio: Bus::new(),
             serial,
             i8042,
-            reset_evt,
             cmdline: Vec::new(),
             virtio: Vec::new(),
         })

@@ -92,7 +92,7 @@ impl Microvm {
     pub(crate) fn new(parts: MicrovmParts) -> Result<Self, BuildError> {
         let mut events =
             EventManager::<Subscriber>::new().map_err(|e| BuildError::EventLoop(e.to_string()))?;
-        let watcher = StopWatcher::new(parts.stop.clone(), &parts.devices.reset_evt)?;
+        let watcher = StopWatcher::new(parts.stop.clone())?;
         events.add_subscriber(Arc::new(Mutex::new(watcher)));
         events.add_subscriber(Arc::new(Mutex::new(SerialInput {
             serial: parts.devices.serial.clone(),
@@ -309,10 +309,10 @@ impl Microvm {
     }
 }
 
-/// Turns the i8042 reset line and termination signals into stop reasons.
+/// Wakes the event loop on a stop, and turns termination signals into stop
+/// reasons.
 struct StopWatcher {
     stop: Arc<VmStop>,
-    reset_evt: EventFd,
     term_evt: EventFd,
 }
 
@@ -330,7 +330,7 @@ extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 }
 
 impl StopWatcher {
-    fn new(stop: Arc<VmStop>, reset_evt: &EventFd) -> Result<Self, BuildError> {
+    fn new(stop: Arc<VmStop>) -> Result<Self, BuildError> {
         let err = |e: std::io::Error| BuildError::EventLoop(e.to_string());
         let term_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(err)?;
         let raw = term_evt.try_clone().map_err(err)?;
@@ -343,27 +343,18 @@ impl StopWatcher {
             vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
                 .map_err(|e| BuildError::EventLoop(format!("signal handler: {e}")))?;
         }
-        Ok(Self {
-            stop,
-            reset_evt: reset_evt.try_clone().map_err(err)?,
-            term_evt,
-        })
+        Ok(Self { stop, term_evt })
     }
 }
 
 const EV_STOP: u32 = 0;
-const EV_RESET: u32 = 1;
-const EV_TERM: u32 = 2;
+const EV_TERM: u32 = 1;
 
 impl MutEventSubscriber for StopWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             EV_STOP => {
                 let _ = self.stop.eventfd().read();
-            }
-            EV_RESET => {
-                let _ = self.reset_evt.read();
-                self.stop.report(StopReason::GuestReset);
             }
             EV_TERM => {
                 let _ = self.term_evt.read();
@@ -376,7 +367,6 @@ impl MutEventSubscriber for StopWatcher {
     fn init(&mut self, ops: &mut EventOps) {
         let add = [
             Events::with_data(self.stop.eventfd(), EV_STOP, EventSet::IN),
-            Events::with_data(&self.reset_evt, EV_RESET, EventSet::IN),
             Events::with_data(&self.term_evt, EV_TERM, EventSet::IN),
         ];
         for e in add {

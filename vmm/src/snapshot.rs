@@ -368,8 +368,9 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
     let vm = Vm::new(&kvm, &mem, config.track_dirty_pages).map_err(BuildError::from)?;
     phase("VM created, memory registered");
     let console = builder::console_for(&config)?;
-    let mut devices =
-        DeviceManager::new(&vm, console.clone(), Some(&state.devices)).map_err(BuildError::from)?;
+    let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
+    let mut devices = DeviceManager::new(&vm, console.clone(), &stop, Some(&state.devices))
+        .map_err(BuildError::from)?;
     let unknown = params.overrides.unknown_ids(&state.devices.virtio);
     if !unknown.is_empty() {
         return Err(RestoreError::Inconsistent(format!(
@@ -380,7 +381,6 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
     devices
         .restore_virtio(&vm, &mem, &state.devices.virtio, &params.overrides)
         .map_err(BuildError::from)?;
-    let stop = Arc::new(VmStop::new().map_err(|e| BuildError::EventLoop(e.to_string()))?);
     phase("devices restored");
     // The clock, irqchip and PIT first: writing the kvmclock MSRs of a vCPU
     // makes KVM fill in the guest's wall-clock data from the VM clock, which

@@ -2,7 +2,7 @@
 //! the i8042 reset line, the console's panic watch), and how that maps to
 //! the VMM's exit code.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -129,6 +129,17 @@ impl VmStop {
     }
 }
 
+/// The i8042's CPU reset line: records the guest reset at once, on the
+/// vCPU thread that pulled it, so the triple fault Linux's reboot falls back
+/// to a moment later cannot be reported first.
+pub struct GuestResetLine(pub Arc<VmStop>);
+
+impl devices::legacy::ResetLine for GuestResetLine {
+    fn pull(&self) {
+        self.0.report(StopReason::GuestReset);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +162,15 @@ mod tests {
         }
         .to_string();
         assert_eq!(msg, "vCPU 1: KVM_EXIT_INTERNAL_ERROR at guest RIP 0x1000");
+    }
+
+    #[test]
+    fn reset_line_records_the_reset_before_a_later_triple_fault() {
+        use devices::legacy::ResetLine;
+        let stop = Arc::new(VmStop::new().unwrap());
+        GuestResetLine(stop.clone()).pull();
+        stop.report(StopReason::TripleFault { vcpu: 1, rip: None });
+        assert_eq!(stop.reason(), Some(StopReason::GuestReset));
+        assert_eq!(stop.eventfd().read().unwrap(), 2, "both reports wake the loop");
     }
 }

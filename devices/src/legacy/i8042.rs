@@ -56,6 +56,25 @@ const KBD_RESET_OK: u8 = 0xaa;
 /// The output buffer holds at most this many bytes; older ones are dropped.
 const OUT_CAPACITY: usize = 16;
 
+/// Where the controller's CPU reset line goes.
+///
+/// It is pulled on the vCPU thread that wrote the command, so the VMM can
+/// record the reset before that vCPU runs on: after pulsing the line, Linux
+/// falls back to other reboot methods that end in a triple fault, which must
+/// not be mistaken for a crash.
+pub trait ResetLine: Send {
+    /// The guest asked for a CPU reset.
+    fn pull(&self);
+}
+
+impl ResetLine for EventFd {
+    fn pull(&self) {
+        if let Err(e) = self.write(1) {
+            log::error!("i8042: cannot signal the CPU reset: {e}");
+        }
+    }
+}
+
 /// The controller's registers, as saved in a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct I8042State {
@@ -67,9 +86,9 @@ pub struct I8042State {
     pub output: Vec<u8>,
 }
 
-/// The controller; signals `reset_evt` when the guest resets the CPU.
+/// The controller; pulls its reset line when the guest resets the CPU.
 pub struct I8042 {
-    reset_evt: EventFd,
+    reset: Box<dyn ResetLine>,
     kbd_irq: Box<dyn Interrupt>,
     status: u8,
     ctr: u8,
@@ -85,9 +104,9 @@ impl I8042 {
     pub const LEN: u64 = I8042_LEN;
 
     /// A controller in its power-on state.
-    pub fn new(reset_evt: EventFd, kbd_irq: Box<dyn Interrupt>) -> Self {
+    pub fn new(reset: Box<dyn ResetLine>, kbd_irq: Box<dyn Interrupt>) -> Self {
         Self {
-            reset_evt,
+            reset,
             kbd_irq,
             status: SB_KBD_UNLOCKED,
             ctr: CTR_KBD_INT | CTR_AUX_DISABLE,
@@ -135,11 +154,7 @@ impl I8042 {
             CMD_KBD_DISABLE => self.ctr |= CTR_KBD_DISABLE,
             CMD_KBD_ENABLE => self.ctr &= !CTR_KBD_DISABLE,
             CMD_READ_OUTPORT => self.push_output(self.outport),
-            CMD_RESET_CPU => {
-                if let Err(e) = self.reset_evt.write(1) {
-                    log::error!("i8042: cannot signal the CPU reset: {e}");
-                }
-            }
+            CMD_RESET_CPU => self.reset.pull(),
             other => log::debug!("i8042: ignoring command {other:#x}"),
         }
     }
@@ -189,7 +204,7 @@ impl BusDevice for I8042 {
 
 impl Persist for I8042 {
     type State = I8042State;
-    type ConstructorArgs = (EventFd, Box<dyn Interrupt>);
+    type ConstructorArgs = (Box<dyn ResetLine>, Box<dyn Interrupt>);
     type Error = io::Error;
 
     fn save(&self) -> I8042State {
@@ -202,7 +217,7 @@ impl Persist for I8042 {
         }
     }
 
-    fn restore((reset_evt, kbd_irq): Self::ConstructorArgs, s: &I8042State) -> io::Result<Self> {
+    fn restore((reset, kbd_irq): Self::ConstructorArgs, s: &I8042State) -> io::Result<Self> {
         if s.output.len() > OUT_CAPACITY {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -213,7 +228,7 @@ impl Persist for I8042 {
             ));
         }
         Ok(Self {
-            reset_evt,
+            reset,
             kbd_irq,
             status: s.status,
             ctr: s.ctr,
@@ -242,7 +257,7 @@ mod tests {
     fn dev() -> (I8042, EventFd, Counter) {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let irq = Counter::default();
-        let dev = I8042::new(evt.try_clone().unwrap(), Box::new(irq.clone()));
+        let dev = I8042::new(Box::new(evt.try_clone().unwrap()), Box::new(irq.clone()));
         (dev, evt, irq)
     }
 
@@ -292,11 +307,15 @@ mod tests {
         d.write(4, &[CMD_READ_CTR]);
         d.write(4, &[CMD_WRITE_OUTPORT]);
         let s = d.save();
-        let r = I8042::restore((evt.try_clone().unwrap(), Box::new(irq.clone())), &s).unwrap();
+        let r = I8042::restore(
+            (Box::new(evt.try_clone().unwrap()), Box::new(irq.clone())),
+            &s,
+        )
+        .unwrap();
         assert_eq!(r.save(), s);
         let mut bad = s.clone();
         bad.output = vec![0; OUT_CAPACITY + 1];
-        assert!(I8042::restore((evt, Box::new(irq)), &bad).is_err());
+        assert!(I8042::restore((Box::new(evt), Box::new(irq)), &bad).is_err());
     }
 
     #[test]

@@ -4,5 +4,5 @@
 mod i8042;
 mod serial;
 
-pub use i8042::{I8042State, I8042, I8042_KBD_IRQ};
+pub use i8042::{I8042State, ResetLine, I8042, I8042_KBD_IRQ};
 pub use serial::{Serial, SerialState, COM1_BASE, COM1_IRQ, COM1_LEN};
