@@ -408,12 +408,34 @@ impl Sandbox {
         ))
     }
 
+    /// The VMM's last line when its process ended with an error (`vmm run`
+    /// prints one `vmm: ...` line before exiting 1 or 2); None after a clean
+    /// stop or reboot, which print nothing.
+    fn crash_line(&self) -> Option<String> {
+        let text = std::fs::read(&self.paths.vmm_log).ok()?;
+        let tail = &text[text.len().saturating_sub(4096)..];
+        let last = String::from_utf8_lossy(tail)
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())?
+            .trim()
+            .to_string();
+        last.starts_with("vmm: ").then_some(last)
+    }
+
     /// Makes sure the VM runs: boots a stopped sandbox, resumes a paused one.
     pub fn ensure_running(&mut self, ctx: &Ctx) -> Result<()> {
         match self.status() {
             Status::Running => Ok(()),
             Status::Paused => self.api().resume(),
             Status::Stopped => {
+                if let Some(line) = self.crash_line() {
+                    eprintln!(
+                        "vmm: sandbox {} had stopped ({line}); booting it again from its disk \
+                         (what was only in its memory is gone; `vmm logs {}` has the console)",
+                        self.meta.name, self.meta.name
+                    );
+                }
                 self.boot(ctx)?;
                 super::schedule::respawn(ctx, self)
             }
