@@ -217,6 +217,21 @@ pub fn section(input: &SectionInput) -> String {
     };
     out.push_str(tables.trim_end());
     out.push('\n');
+    // What each scenario's figures mean, once per scenario.
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    for r in input.records {
+        for n in &r.notes {
+            if !seen.contains(&(r.scenario.as_str(), n.as_str())) {
+                seen.push((&r.scenario, n));
+            }
+        }
+    }
+    if !seen.is_empty() {
+        out.push_str("\nNotes:\n");
+        for (scenario, note) in seen {
+            let _ = writeln!(out, "- `{scenario}`: {note}");
+        }
+    }
     out
 }
 
@@ -327,7 +342,7 @@ mod tests {
     fn section_has_machine_commands_plot_and_tables() {
         let json = r#"[{"scenario":"snapshot-full","target":"vmm","mem_mib":128,"vcpus":1,"runs":1,
             "warmup":1,"error":null,"metrics":{"total":{"unit":"ms","min":1.0,"median":2.0,
-            "max":3.0,"samples":[1.0,2.0,3.0]}},"notes":[],"details":null,"machine":{
+            "max":3.0,"samples":[1.0,2.0,3.0]}},"notes":["total is all of it"],"details":null,"machine":{
             "cpu_model":"Test CPU","host_kernel":"6.1.0","kvm_module":"kvm_pvm","nproc":2,
             "mem_total_mib":1024,"temp_fs":"ext4","vmm_commit":"abc","vmm_version":"0.1.0",
             "firecracker_version":null,"started_utc":"2026-11-25T03:00:00Z",
@@ -350,6 +365,7 @@ mod tests {
             "Note: quiet machine",
             "](benches/results/p.png)",
             "| snapshot-full | 128 MiB, 1 vCPU | total | ms | 1.000 | 2.000 | 3.000 |",
+            "- `snapshot-full`: total is all of it",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

@@ -113,7 +113,7 @@ pub fn markdown(records: &[Record]) -> String {
             .iter()
             .filter(|r| r.label.as_deref() == Some(label))
             .collect();
-        if !out.is_empty() {
+        if !out.is_empty() && !out.ends_with("\n\n") {
             out.push('\n');
         }
         let _ = writeln!(out, "**{}**", cell(label));
@@ -313,6 +313,12 @@ mod tests {
         assert!(v[0]["error"].is_null());
     }
 
+    fn labelled_only() -> Record {
+        let mut r = record("vmm", &[5.0], None);
+        r.label = Some("nested (emulated; not a performance figure)".into());
+        r
+    }
+
     #[test]
     fn labelled_records_get_their_own_table() {
         let mut nested = record("vmm", &[5.0], None);
@@ -321,6 +327,9 @@ mod tests {
         nested.details = serde_json::json!({"environment": "L1: test"});
         let md = markdown(&[record("vmm", &[1.0], None), nested]);
         let (plain, labelled) = md.split_once("**nested (emulated").unwrap();
+        assert!(plain.ends_with("|\n\n"), "{md}");
+        let alone = markdown(&[labelled_only()]);
+        assert!(alone.contains("vmm abc\n\n**nested"), "{alone}");
         assert!(
             plain.contains("| pause | 128 MiB, 1 vCPU | pause |"),
             "{md}"
