@@ -116,16 +116,15 @@ pub fn markdown(records: &[Record]) -> String {
         if !out.is_empty() && !out.ends_with("\n\n") {
             out.push('\n');
         }
-        let _ = writeln!(out, "**{}**", cell(label));
+        let _ = writeln!(out, "**{}**\n", cell(label));
         let mut envs: Vec<&str> = these
             .iter()
             .filter_map(|r| r.details.get("environment").and_then(|e| e.as_str()))
             .collect();
         envs.dedup();
         for env in envs {
-            let _ = writeln!(out, "{}", cell(env));
+            let _ = writeln!(out, "{}\n", cell(env));
         }
-        out.push('\n');
         out.push_str(&table(&these, Some(label)));
     }
     out
