@@ -185,6 +185,9 @@ fn register_font(font: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The bottom of the time axis, ms.
+const MIN_MS: f64 = 0.001;
+
 /// Plot size in pixels.
 const WIDTH: u32 = 1000;
 const HEIGHT: u32 = 620;
@@ -223,9 +226,18 @@ pub fn write_png(
     }
     register_font(font)?;
     let max_mem = points().map(|p| p.mem_mib).max().unwrap_or(1) as f64;
-    let max_ms = points().map(|p| p.max).fold(0.0f64, f64::max);
+    // A log scale: Firecracker's full snapshot and the vmm's restore differ
+    // by two orders of magnitude. Non-positive values (none expected) are
+    // clamped to the bottom of the axis.
+    let max_ms = points().map(|p| p.max).fold(0.0f64, f64::max).max(MIN_MS);
+    let min_ms = points()
+        .map(|p| p.min)
+        .fold(f64::INFINITY, f64::min)
+        .max(MIN_MS);
     let x_range = 0.0..max_mem * 1.08;
-    let y_range = 0.0..(max_ms * 1.12).max(1.0);
+    // Headroom above the data for the legend (upper left).
+    let y_range = (min_ms / 1.6..max_ms * 2.0 * (1.0 + series.len() as f64)).log_scale();
+    let y = |v: f64| v.max(MIN_MS);
 
     let mut buf = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
     {
@@ -257,13 +269,15 @@ pub fn write_png(
         chart
             .configure_mesh()
             .x_desc("guest memory (MiB)")
-            .y_desc("time (ms): median, whiskers min..max")
+            .y_desc("time (ms, log scale): median, whiskers min..max")
             .x_label_formatter(&|x| format!("{x:.0}"))
             .y_label_formatter(&|y| {
-                if max_ms >= 20.0 {
+                if *y >= 10.0 {
                     format!("{y:.0}")
-                } else {
+                } else if *y >= 1.0 {
                     format!("{y:.1}")
+                } else {
+                    format!("{y:.2}")
                 }
             })
             .label_style(("sans-serif", 14))
@@ -277,7 +291,7 @@ pub fn write_png(
             let xy: Vec<(f64, f64)> = s
                 .points
                 .iter()
-                .map(|p| (p.mem_mib as f64, p.median))
+                .map(|p| (p.mem_mib as f64, y(p.median)))
                 .collect();
             chart
                 .draw_series(LineSeries::new(xy.clone(), line))
@@ -300,7 +314,14 @@ pub fn write_png(
                 .map_err(e("points"))?;
             chart
                 .draw_series(s.points.iter().map(|p| {
-                    ErrorBar::new_vertical(p.mem_mib as f64, p.min, p.median, p.max, color, 10)
+                    ErrorBar::new_vertical(
+                        p.mem_mib as f64,
+                        y(p.min),
+                        y(p.median),
+                        y(p.max),
+                        color,
+                        10,
+                    )
                 }))
                 .map_err(e("whiskers"))?;
         }
