@@ -15,6 +15,8 @@ PACKAGES=(
     qemu-system-x86 cpio gzip kmod
     # Tests.
     iproute2 socat curl jq
+    # vmm-bench plots: the TrueType font for their text.
+    fonts-dejavu-core
 )
 
 missing=()

@@ -28,6 +28,20 @@ pub enum BenchError {
     Timeout { what: String, after: Duration },
     #[error("child process {what} failed: {detail}")]
     Child { what: String, detail: String },
+    #[error("parsing {path}: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("plot {path}: {reason}")]
+    Plot { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Readme {
+        path: PathBuf,
+        source: crate::readme::MarkerError,
+    },
+    #[error("nested test host: {0}")]
+    Nested(String),
     #[error("interrupted")]
     Interrupted,
     #[error("{0}")]

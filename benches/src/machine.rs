@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Host description stored with every result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MachineInfo {
     pub cpu_model: String,
     pub host_kernel: String,
@@ -19,9 +19,20 @@ pub struct MachineInfo {
     pub temp_fs: String,
     /// `git rev-parse HEAD` of the source tree, "+dirty" when modified.
     pub vmm_commit: String,
-    pub vmm_version: &'static str,
+    pub vmm_version: String,
     /// `$FIRECRACKER_BIN --version`, when Firecracker ran.
     pub firecracker_version: Option<String>,
+    /// When the harness started, UTC, `YYYY-MM-DDTHH:MM:SSZ` (absent in
+    /// results of older harness versions).
+    #[serde(default)]
+    pub started_utc: Option<String>,
+    /// /proc/loadavg's three load averages when the harness started (other
+    /// people's work on a shared machine shows up here).
+    #[serde(default)]
+    pub loadavg: Option<String>,
+    /// The harness's own command line, so a table can say what produced it.
+    #[serde(default)]
+    pub command: Vec<String>,
 }
 
 impl MachineInfo {
@@ -38,12 +49,69 @@ impl MachineInfo {
             mem_total_mib: mem_total_kib(&meminfo).unwrap_or(0) / 1024,
             temp_fs: fs_type(temp_dir),
             vmm_commit: git_commit(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))),
-            vmm_version: env!("CARGO_PKG_VERSION"),
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
             firecracker_version: firecracker.map(|bin| {
                 command_line(Command::new(bin).arg("--version")).unwrap_or_else(|| "unknown".into())
             }),
+            started_utc: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| utc_timestamp(d.as_secs())),
+            loadavg: std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
+            command: std::env::args().collect(),
         }
     }
+
+    /// A fixed description for unit tests.
+    #[cfg(test)]
+    pub fn fixture() -> Self {
+        Self {
+            cpu_model: "CPU".into(),
+            host_kernel: "6.1".into(),
+            kvm_module: "kvm_pvm".into(),
+            nproc: 2,
+            mem_total_mib: 1024,
+            temp_fs: "ext4".into(),
+            vmm_commit: "abc".into(),
+            vmm_version: "0.1.0".into(),
+            firecracker_version: None,
+            started_utc: None,
+            loadavg: None,
+            command: vec![],
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (proleptic
+/// Gregorian calendar; no time-zone database needed for UTC).
+pub fn utc_timestamp(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Year, month, day of the `days`-th day after 1970-01-01: counts whole
+/// 400-year eras (146097 days each), then the year of the era with March as
+/// the first month so that February's leap day falls at the end.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468; // days since 0000-03-01
+    let era = z / 146_097;
+    let doe = z % 146_097; // day of era, 0..=146096
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // 0..=399
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // 0..=365, from March 1
+    let mp = (5 * doy + 2) / 153; // month from March, 0..=11
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
 }
 
 fn cpu_model(cpuinfo: &str) -> Option<String> {
@@ -144,6 +212,18 @@ mod tests {
         let mem = "MemTotal:       24683520 kB\nMemFree:  1 kB\n";
         assert_eq!(mem_total_kib(mem), Some(24683520));
         assert_eq!(mem_total_kib(""), None);
+    }
+
+    #[test]
+    fn utc_timestamps() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        // 2000-02-29 (a leap day of a century leap year) 12:34:56.
+        assert_eq!(utc_timestamp(951_827_696), "2000-02-29T12:34:56Z");
+        assert_eq!(utc_timestamp(951_868_800), "2000-03-01T00:00:00Z");
+        // 2100 is not a leap year: 2100-02-28 is followed by 2100-03-01.
+        assert_eq!(utc_timestamp(4_107_456_000), "2100-02-28T00:00:00Z");
+        assert_eq!(utc_timestamp(4_107_542_400), "2100-03-01T00:00:00Z");
+        assert_eq!(utc_timestamp(1_798_761_599), "2026-12-31T23:59:59Z");
     }
 
     #[test]

@@ -6,12 +6,19 @@
 //! Results go to a JSON file and a Markdown table.
 //!
 //! `cargo run --release -p vmm-bench -- --scenarios pause,snapshot-full`
+//!
+//! `vmm-bench plot` and `vmm-bench readme` turn results files into a PNG
+//! and the README's performance section without measuring again; the
+//! `devices` scenario measures device throughput in the nested test host.
 
 mod boot;
+mod devices;
 mod error;
 mod firecracker;
 mod machine;
+mod plot;
 mod process;
+mod readme;
 mod report;
 mod rng;
 mod scenarios;
@@ -57,8 +64,9 @@ macro_rules! progress {
 #[command(args_conflicts_with_subcommands = true)]
 struct Args {
     #[command(subcommand)]
-    internal: Option<Internal>,
-    /// Scenarios to run (boot is opt-in: a boot takes ~30 s on kvm_pvm).
+    command: Option<Command>,
+    /// Scenarios to run (boot is opt-in: a boot takes ~30 s on kvm_pvm;
+    /// devices is opt-in: it runs in the nested test host).
     #[arg(
         long,
         value_enum,
@@ -84,6 +92,19 @@ struct Args {
     /// Also write the Markdown table here.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Also plot snapshot and restore time against memory size to this PNG
+    /// (the same as `vmm-bench plot` on the JSON afterwards).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// TrueType font for the plot's text (default: DejaVu Sans).
+    #[arg(long)]
+    font: Option<PathBuf>,
+    /// devices: MiB per transfer.
+    #[arg(long, default_value_t = 32)]
+    devices_mib: u64,
+    /// devices: guest memory, MiB.
+    #[arg(long, default_value_t = 512)]
+    devices_guest_mem_mib: u64,
     /// Guest kernel (default: resources/build-kernel.sh's, cached).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -137,7 +158,7 @@ struct Args {
 }
 
 #[derive(Subcommand, Debug)]
-enum Internal {
+enum Command {
     /// Restores a snapshot, resumes it, prints "running <ns>", exits.
     #[command(hide = true)]
     RestoreChild {
@@ -148,16 +169,80 @@ enum Internal {
         #[arg(long)]
         serial: PathBuf,
     },
+    /// Plots snapshot and restore time against guest memory size from
+    /// results files.
+    Plot {
+        /// Results files (later records win over earlier ones).
+        #[arg(long, required = true)]
+        json: Vec<PathBuf>,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// TrueType font for the text (default: DejaVu Sans).
+        #[arg(long)]
+        font: Option<PathBuf>,
+    },
+    /// Rewrites the README's performance section (between `<!-- perf:begin -->`
+    /// and `<!-- perf:end -->`) from results files.
+    Readme {
+        /// Results files.
+        #[arg(long, required = true)]
+        json: Vec<PathBuf>,
+        /// The README to update.
+        #[arg(long, default_value = "README.md")]
+        readme: PathBuf,
+        /// Draw the plot to this PNG and link it from the section.
+        #[arg(long)]
+        png: Option<PathBuf>,
+        /// TrueType font for the plot's text (default: DejaVu Sans).
+        #[arg(long)]
+        font: Option<PathBuf>,
+        /// A sentence about the conditions, e.g. the machine's load.
+        #[arg(long)]
+        note: Option<String>,
+    },
 }
 
 fn main() {
     let args = Args::parse();
-    if let Some(Internal::RestoreChild { state, mem, serial }) = &args.internal {
-        if let Err(e) = vmm_target::restore_child(state, mem, serial) {
-            eprintln!("vmm-bench restore-child: {e}");
+    let tool = |name: &str, r: Result<()>| {
+        if let Err(e) = r {
+            eprintln!("vmm-bench {name}: {e}");
             std::process::exit(1);
         }
-        return;
+    };
+    match &args.command {
+        Some(Command::RestoreChild { state, mem, serial }) => {
+            tool(
+                "restore-child",
+                vmm_target::restore_child(state, mem, serial),
+            );
+            return;
+        }
+        Some(Command::Plot { json, out, font }) => {
+            tool("plot", plot_files(json, out, font.as_deref()));
+            return;
+        }
+        Some(Command::Readme {
+            json,
+            readme,
+            png,
+            font,
+            note,
+        }) => {
+            tool(
+                "readme",
+                readme_files(
+                    json,
+                    readme,
+                    png.as_deref(),
+                    font.as_deref(),
+                    note.as_deref(),
+                ),
+            );
+            return;
+        }
+        None => {}
     }
     START.get_or_init(Instant::now);
     signals::install();
@@ -170,11 +255,72 @@ fn main() {
     }
 }
 
+/// Plots the records of `json` files to `out`.
+fn plot_files(json: &[PathBuf], out: &Path, font: Option<&Path>) -> Result<()> {
+    let records = report::read_json(json)?;
+    plot_records(&records, out, font)
+}
+
+fn plot_records(records: &[Record], out: &Path, font: Option<&Path>) -> Result<()> {
+    let font = plot::find_font(font)?;
+    plot::write_png(
+        &plot::series(records),
+        "vmm: snapshot and restore time vs guest memory",
+        &plot::subtitle(records),
+        &font,
+        out,
+    )?;
+    eprintln!("vmm-bench: plot in {}", out.display());
+    Ok(())
+}
+
+/// Regenerates the README section (and the plot, when `png` is given).
+fn readme_files(
+    json: &[PathBuf],
+    readme_path: &Path,
+    png: Option<&Path>,
+    font: Option<&Path>,
+    note: Option<&str>,
+) -> Result<()> {
+    let records = report::read_json(json)?;
+    // Check the markers before drawing anything.
+    let text =
+        std::fs::read_to_string(readme_path).map_err(BenchError::file("reading", readme_path))?;
+    readme::replace_section(&text, "").map_err(|source| BenchError::Readme {
+        path: readme_path.to_path_buf(),
+        source,
+    })?;
+    let readme_dir = readme_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let png_link = match png {
+        Some(p) => {
+            plot_records(&records, p, font)?;
+            Some(readme::relative_link(readme_dir, p))
+        }
+        None => None,
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    let body = readme::section(&readme::SectionInput {
+        records: &records,
+        json,
+        png_link,
+        this_command: readme::shell_line(&argv),
+        note,
+    });
+    readme::update_file(readme_path, &body)?;
+    eprintln!("vmm-bench: updated {}", readme_path.display());
+    Ok(())
+}
+
 /// Runs everything; returns whether any scenario failed.
 fn run(args: &Args) -> Result<bool> {
+    let needs_kernel = args.scenarios.iter().any(|s| *s != Scenario::Devices);
     let kernel = match &args.kernel {
         Some(k) => k.clone(),
-        None => build_kernel()?,
+        None if needs_kernel => build_kernel()?,
+        None => PathBuf::new(),
     };
     let mut tmp =
         tempdir::TempDir::new_in(&args.tmp_dir.clone().unwrap_or_else(std::env::temp_dir))?;
@@ -189,11 +335,14 @@ fn run(args: &Args) -> Result<bool> {
     scenarios.dedup();
 
     let mut records = Vec::new();
-    let sizes: Vec<(u64, u8)> = args
-        .mem_mib
-        .iter()
-        .flat_map(|&m| args.vcpus.iter().map(move |&v| (m, v)))
-        .collect();
+    let sizes: Vec<(u64, u8)> = if needs_kernel {
+        args.mem_mib
+            .iter()
+            .flat_map(|&m| args.vcpus.iter().map(move |&v| (m, v)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     for &(mem_mib, vcpus) in &sizes {
         if signals::interrupted() {
             break;
@@ -217,7 +366,7 @@ fn run(args: &Args) -> Result<bool> {
         let snap: Vec<Scenario> = scenarios
             .iter()
             .copied()
-            .filter(|s| *s != Scenario::Boot)
+            .filter(|s| !matches!(s, Scenario::Boot | Scenario::Devices))
             .collect();
         if !snap.is_empty() {
             records.extend(ctx.snapshot_scenarios(&snap, &work));
@@ -227,7 +376,31 @@ fn run(args: &Args) -> Result<bool> {
         report::write_json(&args.json, &records)?;
     }
 
+    if scenarios.contains(&Scenario::Devices) && !signals::interrupted() {
+        let settings = devices::DeviceSettings {
+            runs: args.runs.unwrap_or(3),
+            mib: args.devices_mib,
+            guest_mem_mib: args.devices_guest_mem_mib,
+        };
+        progress!(
+            "devices: {} rounds of {} MiB in the nested test host ({})",
+            settings.runs,
+            settings.mib,
+            devices::NESTED_LABEL
+        );
+        let record = devices::run(&settings, &machine);
+        if let Some(e) = &record.error {
+            progress!("devices failed: {e}");
+        }
+        records.push(record);
+    }
+
     report::write_json(&args.json, &records)?;
+    if let Some(png) = &args.plot {
+        if let Err(e) = plot_records(&records, png, args.font.as_deref()) {
+            progress!("plot failed: {e}");
+        }
+    }
     let md = report::markdown(&records);
     print!("{md}");
     if let Some(path) = &args.markdown {
@@ -295,17 +468,18 @@ impl Ctx<'_> {
             );
         }
         Record {
-            scenario: scenario.name(),
-            target,
+            scenario: scenario.name().to_string(),
+            target: target.to_string(),
             mem_mib: self.spec.mem_mib,
             vcpus: self.spec.vcpus,
             runs,
             warmup,
             error,
             metrics,
-            notes: scenario.notes().to_vec(),
+            notes: scenario.notes().iter().map(ToString::to_string).collect(),
             details,
             machine: self.machine.clone(),
+            label: None,
         }
     }
 

@@ -23,6 +23,7 @@ pub enum Scenario {
     SnapshotLive,
     RestoreUffd,
     Clones,
+    Devices,
 }
 
 impl Scenario {
@@ -36,6 +37,7 @@ impl Scenario {
             Scenario::SnapshotLive => "snapshot-live",
             Scenario::RestoreUffd => "restore-uffd",
             Scenario::Clones => "clones",
+            Scenario::Devices => "devices",
         }
     }
 
@@ -69,6 +71,7 @@ impl Scenario {
                 "firecracker: its Uffd backend needs an external page-fault handler (not run)",
             ],
             Scenario::Clones => &["N guests restored from one snapshot at once; total = common start to the last one running"],
+            Scenario::Devices => crate::devices::NOTES,
         }
     }
 }
@@ -132,7 +135,10 @@ fn one_run(
     m: &mut Metrics,
 ) -> Result<()> {
     match scenario {
-        Scenario::Boot => Err(BenchError::Setup("boot is not a snapshot scenario".into())),
+        Scenario::Boot | Scenario::Devices => Err(BenchError::Setup(format!(
+            "{} is not a snapshot scenario",
+            scenario.name()
+        ))),
         Scenario::Pause => pause_run(slot.target.as_mut(), s, m),
         Scenario::SnapshotFull => {
             let files = SnapshotFiles::in_dir(&slot.dir, "full");

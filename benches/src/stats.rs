@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One measured quantity over the recorded runs.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -14,7 +14,7 @@ pub struct Metric {
 }
 
 /// min, median and max of a metric's samples.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Summary {
     pub min: f64,
     pub median: f64,
