@@ -10,9 +10,14 @@
 //! - resource limits (vCPUs, memory, bodies) from the CLI, the API and a snapshot file get a
 //!   clear error, never a crash.
 //!
+//! In the nested test host (a guest with user space): the guest agent does not answer a freeze
+//! during `vmm snapshot save --type disk`; `--guest-sync required` fails the snapshot, and
+//! `best-effort` proceeds and marks it; the guest is never left frozen, and a freeze nobody
+//! thaws ends by the agent's own watchdog.
+//!
 //! A VMM killed by SIGKILL in the middle of a snapshot is covered by
-//! `snapshot.rs::direct_vmm_killed_mid_snapshot_leaves_the_previous_one_intact` (1 GiB guest).
-//! The guest-agent freeze watchdog needs guest user space (nested host) and is not here.
+//! `snapshot_direct.rs::direct_vmm_killed_mid_snapshot_leaves_the_previous_one_intact` (1 GiB
+//! guest).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,9 +26,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmm_tests::{
-    api, artifacts, cleanup, create_body, encode_state, fault_message as fault, fill_zero_pages,
-    heavy, largest_region, names_in, pause, raw_api, read_state, require_kvm, resume,
-    run_with_timeout, scratch, sha256, tail, utf8 as s, vm_state, vmm_binary, VmmProcess,
+    api, artifacts, cleanup, compile_guest_prog, create_body, encode_state, fault_message as fault,
+    fill_zero_pages, heavy, largest_region, names_in, pause, raw_api, read_state, require_kvm,
+    resume, run_nested, run_with_timeout, scratch, sha256, tail, utf8 as s, vm_state, vmm_binary,
+    NestedOptions, VmmProcess,
 };
 
 /// How long a VMM may take to open its API socket, and to exit after Stop.
@@ -497,4 +503,214 @@ fn direct_resource_limits_from_cli_api_and_snapshot_get_clear_errors() {
     }
     vm.stop(&sock, STOP_WAIT);
     cleanup(&dir);
+}
+
+/// The scenario of [`nested_agent_not_answering_a_freeze_fails_or_marks_the_snapshot`], run in
+/// L1 with the product commands. `holdwrite` (guest-progs/holdwrite.c) holds a write to the
+/// guest's root filesystem in progress, so the agent's FIFREEZE waits and the freeze request
+/// gets no answer: the host's freeze timeout is what ends the wait. Killing `holdwrite` lets
+/// that late freeze complete; the guest must then not stay frozen (the agent's watchdog would
+/// take 120 s: every write check here gives up after 20 s).
+const FREEZE_SCENARIO: &str = r##"
+set -u
+export VMM_KERNEL=/guest/vmlinux VMM_ROOTFS=/guest/rootfs.ext4 VMM_STATE_DIR=/state
+mkdir -p /state && mount -t tmpfs -o size=1200m tmpfs /state
+U=/state/sandboxes/fz/vsock.sock
+now() { cut -d' ' -f1 /proc/uptime; }
+el() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
+oneline() { tr '\n' '|' | head -c 600; }
+# run KEY CMD...: runs a command, prints KEY_EXIT, KEY_OUT and KEY_ERR.
+run() {
+  key=$1; shift
+  "$@" >/tmp/out 2>/tmp/err
+  rc=$?
+  echo "${key}_EXIT=$rc"
+  echo "${key}_OUT=$(oneline </tmp/out)"
+  echo "${key}_ERR=$(oneline </tmp/err)"
+}
+g() { timeout 60 vmm use fz -- "$@"; }
+# hold KEY: starts holdwrite in the guest; KEY_HOLD is its process state (S: waiting in splice).
+hold() {
+  g sh -c 'rm -f /run/hold.pid; setsid /run/holdwrite /root/held.txt /run/hold.pid </dev/null >/dev/null 2>/run/hold.err &'
+  g sh -c 'i=0; while [ ! -s /run/hold.pid ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done'
+  sleep 1
+  echo "$1_HOLD=$(g sh -c 'cut -d" " -f3 /proc/$(cat /run/hold.pid)/stat')"
+}
+# release KEY: ends holdwrite, then a write to the root filesystem must complete within 20 s.
+release() {
+  g sh -c 'kill $(cat /run/hold.pid)'; echo "$1_RELEASED=$?"
+  t0=$(now)
+  timeout 20 vmm use fz -- sh -c "echo $1 >/root/after.txt && sync && cat /root/after.txt" >/tmp/out 2>/tmp/err
+  echo "$1_WRITE=$? $(el $t0) $(oneline </tmp/out)"
+  echo "$1_WRITE_ERR=$(oneline </tmp/err)"
+}
+
+run CREATE vmm use fz --mem-mib 128 -- true
+vmm use fz -i -- sh -c 'cat >/run/holdwrite && chmod 755 /run/holdwrite' </faults/holdwrite
+echo "INSTALL=$?"
+
+# 1. The agent's watchdog: a freeze nobody thaws ends by itself (4 s here).
+t0=$(now)
+out=$(timeout 30 vmm agent --uds $U freeze --timeout 4); echo "WD_FREEZE=$? $(echo $out)"
+echo x | timeout 30 vmm agent --uds $U write-file /root/wd-refused.txt 2>/dev/null; echo "WD_FROZEN_WRITE=$?"
+timeout 60 vmm use fz -- sh -c 'echo wd >/root/wd.txt && sync'; echo "WD_WRITE=$? $(el $t0)"
+echo "WD_FIRED=$(vmm logs fz | grep -c 'freeze watchdog fired')"
+
+# 2. required: the snapshot fails, clearly, and is not left ready.
+hold REQ
+t0=$(now); run REQ vmm snapshot save fz --name req --type disk --guest-sync required; echo "REQ_SECS=$(el $t0)"
+echo "REQ_INFO=$(vmm snapshot ls -o json | tr -d '\n')"
+echo "REQ_FILES=$(ls /state/snapshots/req | tr '\n' ' ')"
+echo "REQ_SANDBOX=$(vmm status fz -o json | grep '"status"' | tr -d ' ,')"
+release REQ
+
+# 3. best-effort: the snapshot proceeds and says the guest was not frozen.
+hold BE
+t0=$(now); run BE vmm snapshot save fz --name be --type disk --guest-sync best-effort; echo "BE_SECS=$(el $t0)"
+echo "BE_INFO=$(vmm snapshot ls -o json | tr -d '\n')"
+echo "BE_FILES=$(ls /state/snapshots/be | tr '\n' ' ')"
+release BE
+run FROM_BE vmm use from-be --mem-mib 128 --snapshot be -- cat /root/wd.txt
+for s in fz from-be; do vmm rm -f $s; done
+echo "SCRIPT_DONE=1"
+"##;
+
+/// The snapshot `name` in the `vmm snapshot ls -o json` listing printed as `KEY=`.
+fn snapshot_info(run: &vmm_tests::NestedRun, key: &str, name: &str) -> Value {
+    let all = run.json_after(key, 0);
+    let found = all
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name))
+        .cloned();
+    found.unwrap_or_else(|| panic!("{}", run.failure(&format!("no snapshot {name} in {all}"))))
+}
+
+#[test]
+fn nested_agent_not_answering_a_freeze_fails_or_marks_the_snapshot() {
+    let holdwrite = compile_guest_prog("holdwrite");
+    let opts = NestedOptions::new("faults-freeze")
+        .timeout(Duration::from_secs(420))
+        .file(&holdwrite, "/faults/holdwrite");
+    let run = {
+        let _heavy = heavy();
+        run_nested(FREEZE_SCENARIO, opts)
+    };
+    eprintln!(
+        "nested freeze run: {:.1}s, log {}",
+        run.elapsed.as_secs_f64(),
+        run.log_path.display()
+    );
+    run.assert_success();
+    run.assert_marker("SCRIPT_DONE", "1");
+    run.assert_marker("CREATE_EXIT", "0");
+    run.assert_marker("INSTALL", "0");
+
+    // The agent thaws by itself: frozen (writes refused) until its 4 s watchdog, then a write
+    // that waited completes, and the console says the watchdog did it.
+    run.check(
+        run.word("WD_FREEZE", 0) == "0",
+        "agent freeze --timeout 4 failed",
+    );
+    run.check(
+        run.word("WD_FREEZE", 1) == "/",
+        "the root filesystem was not frozen",
+    );
+    run.check(
+        run.get("WD_FROZEN_WRITE") != "0",
+        "write-file succeeded while frozen",
+    );
+    run.check(
+        run.word("WD_WRITE", 0) == "0",
+        "write after the watchdog failed",
+    );
+    let waited: f64 = run.word("WD_WRITE", 1).parse().unwrap_or(0.0);
+    run.check(
+        waited >= 3.5,
+        &format!("the write completed {waited} s after the freeze, before its 4 s watchdog"),
+    );
+    run.check(
+        run.num("WD_FIRED") >= 1,
+        "no watchdog message on the console",
+    );
+
+    for key in ["REQ", "BE"] {
+        // holdwrite was waiting in splice (state S) while the snapshot ran.
+        run.check(
+            run.get(&format!("{key}_HOLD")) == "S",
+            &format!("{key}: holdwrite is not waiting in the kernel"),
+        );
+        // The host gave up on the freeze after its timeout: the agent did not answer.
+        let secs: f64 = run.get(&format!("{key}_SECS")).parse().unwrap_or(0.0);
+        run.check(
+            (25.0..120.0).contains(&secs),
+            &format!("{key}: snapshot save took {secs} s, not the host's freeze timeout"),
+        );
+        // Afterwards the guest is not frozen: a write completes well before the agent's
+        // 120 s watchdog would thaw.
+        run.assert_marker(&format!("{key}_RELEASED"), "0");
+        run.check(
+            run.word(&format!("{key}_WRITE"), 0) == "0",
+            &format!(
+                "{key}: a write after the failed freeze did not complete within 20 s (the \
+                 guest was left frozen): {}",
+                run.get(&format!("{key}_WRITE_ERR"))
+            ),
+        );
+        run.check(
+            run.get(&format!("{key}_WRITE"))
+                .ends_with(&format!("{key}|")),
+            &format!("{key}: the write did not land"),
+        );
+    }
+
+    // required: exit 1 with a clear error; the snapshot is failed, with its reason, and holds no
+    // disk; the sandbox carries on running.
+    run.assert_marker("REQ_EXIT", "1");
+    let err = run.get("REQ_ERR");
+    for needle in [
+        "guest sync is required and failed",
+        "no answer to the freeze request",
+    ] {
+        run.check(
+            err.contains(needle),
+            &format!("required: {needle:?} not in {err:?}"),
+        );
+    }
+    let req = snapshot_info(&run, "REQ_INFO", "req");
+    run.check(
+        req["status"] == "failed",
+        &format!("required snapshot: {req}"),
+    );
+    run.check(
+        req["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no answer to the freeze request")),
+        &format!("required snapshot without the reason: {req}"),
+    );
+    run.check(
+        !run.get("REQ_FILES").contains("disk"),
+        "the failed snapshot kept a disk",
+    );
+    run.assert_marker("REQ_SANDBOX", "\"status\":\"running\"");
+
+    // best-effort: exit 0, ready, marked as not synced, with its disk; it boots.
+    run.assert_marker("BE_EXIT", "0");
+    run.assert_marker("BE_OUT", "be|");
+    let be = snapshot_info(&run, "BE_INFO", "be");
+    run.check(
+        be["status"] == "ready",
+        &format!("best-effort snapshot: {be}"),
+    );
+    run.check(
+        be["guest_sync"]
+            .as_str()
+            .is_some_and(|g| g.starts_with("failed: ") && g.contains("no answer to the freeze")),
+        &format!("best-effort snapshot not marked: {be}"),
+    );
+    run.check(
+        run.get("BE_FILES").split_whitespace().any(|f| f == "disk"),
+        "the best-effort snapshot has no disk",
+    );
+    run.assert_marker("FROM_BE_EXIT", "0");
+    run.assert_marker("FROM_BE_OUT", "wd|");
 }
