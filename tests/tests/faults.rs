@@ -518,7 +518,7 @@ mkdir -p /state && mount -t tmpfs -o size=1200m tmpfs /state
 U=/state/sandboxes/fz/vsock.sock
 now() { cut -d' ' -f1 /proc/uptime; }
 el() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
-oneline() { tr '\n' '|' | head -c 600; }
+oneline() { tr '\n' '|' | head -c 2000; }
 # run KEY CMD...: runs a command, prints KEY_EXIT, KEY_OUT and KEY_ERR.
 run() {
   key=$1; shift
