@@ -43,3 +43,13 @@ boot_guest0() {
   ag $W/v0.sock ping >/dev/null || fail boot
   echo "BOOT_TO_AGENT=$(since $_t)s"
 }
+oneline() { tr '\n' '|' | head -c 2000; }
+# run KEY CMD...: runs a command, prints KEY_EXIT, KEY_OUT and KEY_ERR (output on one line).
+run() {
+  key=$1; shift
+  "$@" >/tmp/out 2>/tmp/err
+  rc=$?
+  echo "${key}_EXIT=$rc"
+  echo "${key}_OUT=$(oneline </tmp/out)"
+  echo "${key}_ERR=$(oneline </tmp/err)"
+}

@@ -505,6 +505,9 @@ fn direct_resource_limits_from_cli_api_and_snapshot_get_clear_errors() {
     cleanup(&dir);
 }
 
+/// Shell helpers shared with the other nested scenarios.
+const NESTED_LIB: &str = include_str!("../guest-progs/nested-lib.sh");
+
 /// The scenario of [`nested_agent_not_answering_a_freeze_fails_or_marks_the_snapshot`], run in
 /// L1 with the product commands. `holdwrite` (guest-progs/holdwrite.c) holds a write to the
 /// guest's root filesystem in progress, so the agent's FIFREEZE waits and the freeze request
@@ -512,22 +515,11 @@ fn direct_resource_limits_from_cli_api_and_snapshot_get_clear_errors() {
 /// that late freeze complete; the guest must then not stay frozen (the agent's watchdog would
 /// take 120 s: every write check here gives up after 20 s).
 const FREEZE_SCENARIO: &str = r##"
+# Helpers (since, run, oneline) are in guest-progs/nested-lib.sh.
 set -u
 export VMM_KERNEL=/guest/vmlinux VMM_ROOTFS=/guest/rootfs.ext4 VMM_STATE_DIR=/state
 mkdir -p /state && mount -t tmpfs -o size=1200m tmpfs /state
 U=/state/sandboxes/fz/vsock.sock
-now() { cut -d' ' -f1 /proc/uptime; }
-el() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}'; }
-oneline() { tr '\n' '|' | head -c 2000; }
-# run KEY CMD...: runs a command, prints KEY_EXIT, KEY_OUT and KEY_ERR.
-run() {
-  key=$1; shift
-  "$@" >/tmp/out 2>/tmp/err
-  rc=$?
-  echo "${key}_EXIT=$rc"
-  echo "${key}_OUT=$(oneline </tmp/out)"
-  echo "${key}_ERR=$(oneline </tmp/err)"
-}
 g() { timeout 60 vmm use fz -- "$@"; }
 # hold KEY: starts holdwrite in the guest; KEY_HOLD is its process state (S: waiting in splice).
 hold() {
@@ -541,7 +533,7 @@ release() {
   g sh -c 'kill $(cat /run/hold.pid)'; echo "$1_RELEASED=$?"
   t0=$(now)
   timeout 20 vmm use fz -- sh -c "echo $1 >/root/after.txt && sync && cat /root/after.txt" >/tmp/out 2>/tmp/err
-  echo "$1_WRITE=$? $(el $t0) $(oneline </tmp/out)"
+  echo "$1_WRITE=$? $(since $t0) $(oneline </tmp/out)"
   echo "$1_WRITE_ERR=$(oneline </tmp/err)"
 }
 
@@ -553,12 +545,12 @@ echo "INSTALL=$?"
 t0=$(now)
 out=$(timeout 30 vmm agent --uds $U freeze --timeout 4); echo "WD_FREEZE=$? $(echo $out)"
 echo x | timeout 30 vmm agent --uds $U write-file /root/wd-refused.txt 2>/dev/null; echo "WD_FROZEN_WRITE=$?"
-timeout 60 vmm use fz -- sh -c 'echo wd >/root/wd.txt && sync'; echo "WD_WRITE=$? $(el $t0)"
+timeout 60 vmm use fz -- sh -c 'echo wd >/root/wd.txt && sync'; echo "WD_WRITE=$? $(since $t0)"
 echo "WD_FIRED=$(vmm logs fz | grep -c 'freeze watchdog fired')"
 
 # 2. required: the snapshot fails, clearly, and is not left ready.
 hold REQ
-t0=$(now); run REQ vmm snapshot save fz --name req --type disk --guest-sync required; echo "REQ_SECS=$(el $t0)"
+t0=$(now); run REQ vmm snapshot save fz --name req --type disk --guest-sync required; echo "REQ_SECS=$(since $t0)"
 echo "REQ_INFO=$(vmm snapshot ls -o json | tr -d '\n')"
 echo "REQ_FILES=$(ls /state/snapshots/req | tr '\n' ' ')"
 echo "REQ_SANDBOX=$(vmm status fz -o json | grep '"status"' | tr -d ' ,')"
@@ -566,7 +558,7 @@ release REQ
 
 # 3. best-effort: the snapshot proceeds and says the guest was not frozen.
 hold BE
-t0=$(now); run BE vmm snapshot save fz --name be --type disk --guest-sync best-effort; echo "BE_SECS=$(el $t0)"
+t0=$(now); run BE vmm snapshot save fz --name be --type disk --guest-sync best-effort; echo "BE_SECS=$(since $t0)"
 echo "BE_INFO=$(vmm snapshot ls -o json | tr -d '\n')"
 echo "BE_FILES=$(ls /state/snapshots/be | tr '\n' ' ')"
 release BE
@@ -593,7 +585,7 @@ fn nested_agent_not_answering_a_freeze_fails_or_marks_the_snapshot() {
         .file(&holdwrite, "/faults/holdwrite");
     let run = {
         let _heavy = heavy();
-        run_nested(FREEZE_SCENARIO, opts)
+        run_nested(&format!("{NESTED_LIB}\n{FREEZE_SCENARIO}"), opts)
     };
     eprintln!(
         "nested freeze run: {:.1}s, log {}",
