@@ -546,7 +546,7 @@ t0=$(now)
 out=$(timeout 30 vmm agent --uds $U freeze --timeout 4); echo "WD_FREEZE=$? $(echo $out)"
 echo x | timeout 30 vmm agent --uds $U write-file /root/wd-refused.txt 2>/dev/null; echo "WD_FROZEN_WRITE=$?"
 timeout 60 vmm use fz -- sh -c 'echo wd >/root/wd.txt && sync'; echo "WD_WRITE=$? $(since $t0)"
-echo "WD_FIRED=$(vmm logs fz | grep -c 'freeze watchdog fired')"
+echo "WD_FIRED=$(g grep -c 'freeze watchdog fired' /run/vmm-agent.log)"
 
 # 2. required: the snapshot fails, clearly, and is not left ready.
 hold REQ
@@ -598,7 +598,7 @@ fn nested_agent_not_answering_a_freeze_fails_or_marks_the_snapshot() {
     run.assert_marker("INSTALL", "0");
 
     // The agent thaws by itself: frozen (writes refused) until its 4 s watchdog, then a write
-    // that waited completes, and the console says the watchdog did it.
+    // that waited completes, and the agent's log says the watchdog did it.
     run.check(
         run.word("WD_FREEZE", 0) == "0",
         "agent freeze --timeout 4 failed",
