@@ -3,7 +3,7 @@
 # runs guest-progs/stamp.c, scanned with guest-progs/scan.c; lazy restores without and with the
 # working set and from a file; three lazy clones at once. Prints KEY=VALUE markers the tests
 # assert on. @NAME@ placeholders are filled in by the test. /tmp is a tmpfs, so memory files stay
-# sparse.
+# sparse. The helpers it uses beyond these (api, stop_vmm, fail, ...) are in nested-lib.sh.
 set -u
 V=/usr/bin/vmm
 W=/tmp/w
@@ -12,28 +12,7 @@ MIB=@MIB@
 MIB2=@MIB2@
 mkdir -p $W/L $W/F
 CMD='@CMDLINE@'
-now() { cut -d' ' -f1 /proc/uptime; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}'; }
-# api SOCK METHOD PATH [BODY]: prints the HTTP status; the body lands in SOCK.body (one per
-# socket, so requests to different VMMs may run at once).
-api() {
-  if [ $# -ge 4 ]; then
-    curl -sS -m 150 --unix-socket "$1" -X "$2" -H 'Content-Type: application/json' -d "$4" \
-      -o "$1.body" -w '%{http_code}' "http://localhost$3"
-  else
-    curl -sS -m 30 --unix-socket "$1" -X "$2" -o "$1.body" -w '%{http_code}' "http://localhost$3"
-  fi
-}
-body() { tr '\n' ' ' <"$1.body"; }
-vmstate() { api "$1" GET /vm >/dev/null && sed -n 's/.*"state":"\([A-Za-z]*\)".*/\1/p' "$1.body"; }
 ag() { u=$1; shift; timeout 100 $V agent --uds "$u" --wait 60 "$@"; }
-wait_sock() { i=0; while [ ! -S "$1" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; [ -S "$1" ]; }
-wait_gone() { i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done; }
-stop_vmm() { # SOCK PID NAME
-  _s=$(api "$1" PUT /actions '{"action_type":"Stop"}'); wait_gone "$2"
-  if kill -0 "$2" 2>/dev/null; then echo "$3_HUNG=1"; kill -9 "$2"; fi
-  wait "$2"; echo "$3_EXIT=$? http=$_s"
-}
 count() { ag "$1" exec -- cat /run/stamp.count 2>/dev/null | tr -d ' \n'; }
 wait_count() { # UDS MIN: the stamper's round once it reached MIN
   _i=0; _c=0
@@ -68,22 +47,9 @@ loadjson() {
   printf '{"snapshot_path":"%s","mem_backend":{"backend_type":"%s","backend_path":"%s"},"resume_vm":true,"drive_overrides":[{"drive_id":"rootfs","path_on_host":"%s"}],"vsock_override":{"uds_path":"%s"}%s}' \
     "$(dirname $1)/vmstate" "$2" "$1" "$3" "$4" "$_w"
 }
-fail() {
-  echo "SCRIPT_FAILED=$1"
-  for f in $W/e*; do echo "== $f: $(tail -c 400 $f | tr '\n' ' ')"; done
-  for f in $W/g*.log; do echo "== $f"; tail -n 15 $f; done
-  exit 1
-}
-finish() { for f in $W/e*; do echo "VMM_STDERR_${f##*/}=$(head -c 300 $f | tr '\n' ' ')"; done; }
 
 # --- Phase 0: boot, start the stamper -------------------------------------------------------
-cp /guest/rootfs.ext4 $W/disk0.ext4
-t=$(now)
-$V run --kernel /guest/vmlinux --rootfs $W/disk0.ext4 --vcpus 2 --mem-mib 256 \
-  --vsock cid=3,uds=$W/v0.sock --cmdline "$CMD" --serial-log $W/g0.log --api-sock $W/a0.sock 2>$W/e0 &
-P0=$!
-ag $W/v0.sock ping >/dev/null || fail boot
-echo "BOOT_TO_AGENT=$(since $t)s"
+boot_guest0
 ag $W/v0.sock write-file /run/stamp --mode 755 </lazy/stamp || fail write-stamp
 ag $W/v0.sock exec -- sh -c "setsid /run/stamp $MIB 1 </dev/null >/dev/null 2>&1 &" || fail start-stamp
 echo "STAMP_STARTED=$(wait_count $W/v0.sock 3)"

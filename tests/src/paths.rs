@@ -1,6 +1,6 @@
 //! Where things are: the workspace, its cargo target directory, the artifact cache.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The workspace root (the directory holding the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
@@ -48,4 +48,10 @@ pub fn resources_dir() -> PathBuf {
 /// Where the harness keeps logs and per-run scratch files: `<target>/vmm-tests`.
 pub fn scratch_dir() -> PathBuf {
     target_dir().join("vmm-tests")
+}
+
+/// A path as UTF-8 text for command lines and JSON bodies (test paths always are).
+pub fn utf8(p: &Path) -> &str {
+    p.to_str()
+        .unwrap_or_else(|| panic!("path is not UTF-8: {}", p.display()))
 }

@@ -85,15 +85,9 @@ fn run(name: &str, body: &str, timeout_secs: u64, opts: NestedOptions) -> Nested
     run
 }
 
-/// The value of `KEY=`; panics with the log tail when it is missing.
-fn get(run: &NestedRun, key: &str) -> String {
-    run.marker(key)
-        .unwrap_or_else(|| panic!("{}", run.failure(&format!("no {key}= marker"))))
-}
-
 /// Requires markers `a` and `b` to hold the same SHA-256 digest.
 fn assert_same_sum(run: &NestedRun, a: &str, b: &str) {
-    let (x, y) = (get(run, a), get(run, b));
+    let (x, y) = (run.get(a), run.get(b));
     let is_sum = |s: &str| s.len() == 64 && s.bytes().all(|c| c.is_ascii_hexdigit());
     assert!(
         is_sum(&x) && is_sum(&y),
@@ -142,7 +136,7 @@ echo "STDIN_SUM=$(ga exec --stdin -- sha256sum </tmp/wf.bin | cut -d' ' -f1)"
 stop
 "#;
     let run = run("agent", body, 150, NestedOptions::new("devices_agent"));
-    let uname = get(&run, "UNAME");
+    let uname = run.get("UNAME");
     assert!(
         uname.starts_with("Linux "),
         "{}",
@@ -155,7 +149,7 @@ stop
     run.assert_marker("EXIT_CODE", "7");
     run.assert_marker("SIGNAL_CODE", "137");
     run.assert_marker("TIMEOUT_CODE", "124");
-    let missing = get(&run, "MISSING_PROGRAM_CODE");
+    let missing = run.get("MISSING_PROGRAM_CODE");
     assert_ne!(
         missing,
         "0",
@@ -237,7 +231,7 @@ stop
     assert_same_sum(&run, "PAT_W_SUM", "DATA_4M_RUNNING");
     assert_same_sum(&run, "PAT_W_SUM", "DATA_12M_RUNNING");
     assert_same_sum(&run, "PAT_W_SUM", "GUEST_READ_4M");
-    let ro_exit = get(&run, "RO_DD_EXIT");
+    let ro_exit = run.get("RO_DD_EXIT");
     assert_ne!(
         ro_exit,
         "0",
@@ -251,7 +245,7 @@ stop
     assert_same_sum(&run, "PAT_W_SUM", "DATA_12M_STOPPED");
     run.assert_marker("DATA_SIZE_STOPPED", "16777216");
     assert_same_sum(&run, "RO_SUM_BEFORE", "RO_SUM_STOPPED");
-    let token = get(&run, "PERSIST_TOKEN");
+    let token = run.get("PERSIST_TOKEN");
     assert_eq!(token.len(), 16, "{}", run.failure("bad token"));
     run.assert_marker("PERSIST_READ", &token);
     assert_clean_exits(&run, &["blk", "blk2"]);
@@ -317,7 +311,7 @@ stop
             .program("/usr/sbin/ip", "/opt/bin/ip")
             .program("/usr/bin/socat", "/opt/bin/socat"),
     );
-    let ip_version = get(&run, "IP_VERSION");
+    let ip_version = run.get("IP_VERSION");
     assert!(
         ip_version.contains("iproute2"),
         "{}",
@@ -435,7 +429,7 @@ stop
         ("VS_H2G_REPORT", "received", "host->guest"),
         ("VS_G2H_REPORT", "sent", "guest->host"),
     ] {
-        let report = get(&run, key);
+        let report = run.get(key);
         let (bytes, secs) = parse_cat_report(&report, verb)
             .unwrap_or_else(|| panic!("{}", run.failure(&format!("bad {key}: {report:?}"))));
         assert_eq!(bytes, VSOCK_BYTES, "{}", run.failure(key));
@@ -478,7 +472,7 @@ stop
     run.assert_marker("WRITER_STARTED", "0");
     run.assert_marker("FROZEN_DONE", "no");
     run.assert_marker("FROZEN_CONTENT", "");
-    let refused = get(&run, "FROZEN_WRITE_FILE_EXIT");
+    let refused = run.get("FROZEN_WRITE_FILE_EXIT");
     assert_ne!(
         refused,
         "0",

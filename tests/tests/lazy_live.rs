@@ -12,17 +12,14 @@
 //! reaches init, and a live snapshot of a running kernel restores with `vmm run --restore`.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmm_tests::{
-    artifacts, require_kvm, run_nested, run_with_timeout, scratch_dir, tail, vmm_binary,
-    NestedOptions, NestedRun, GUEST_CMDLINE,
+    api, artifacts, cleanup, compile_guest_prog, create_body, heavy, read_lossy, require_kvm,
+    run_nested, scratch, tail, utf8 as s, wait_for_text, NestedOptions, NestedRun, SharedNestedRun,
+    VmmProcess, GUEST_CMDLINE,
 };
 
 /// Memory the stamper mutates, in MiB, and the 4 KiB pages that makes.
@@ -31,53 +28,6 @@ const STAMP_PAGES: u64 = STAMP_MIB * 256;
 /// The throttled stamper in the full snapshot that is restored lazily: smaller, because with
 /// neither prefetch nor background fill its first round faults in every page one by one.
 const STAMP2_MIB: u64 = 16;
-
-/// One heavy test at a time in this process (two cores shared with everyone else).
-fn heavy() -> MutexGuard<'static, ()> {
-    static HEAVY: Mutex<()> = Mutex::new(());
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = scratch_dir().join(format!("lazy-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
-}
-
-fn cleanup(dir: &Path) {
-    if std::env::var_os("VMM_TESTS_KEEP").is_none() {
-        let _ = fs::remove_dir_all(dir);
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
-/// Compiles `guest-progs/NAME.c` with the host's gcc into a static executable.
-fn compile(name: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("guest-progs")
-        .join(format!("{name}.c"));
-    let dir = scratch_dir().join("guest-progs");
-    fs::create_dir_all(&dir).expect("create guest-progs dir");
-    let out = dir.join(format!("{name}-{}", std::process::id()));
-    let res = run_with_timeout(
-        Command::new("gcc")
-            .args(["-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-            .arg(&out)
-            .arg(&src),
-        Duration::from_secs(120),
-    );
-    assert!(
-        res.success(),
-        "gcc -static {} failed (is gcc with static glibc installed?):\n{}",
-        src.display(),
-        res.stderr()
-    );
-    out
-}
 
 /// Seconds in a serde `Duration` ({"secs","nanos"}) or a plain number.
 fn secs(v: &Value) -> Option<f64> {
@@ -93,14 +43,14 @@ fn secs(v: &Value) -> Option<f64> {
 
 /// The script run inside L1 (phases print `KEY=VALUE` markers the tests assert on).
 const NESTED_SCRIPT: &str = include_str!("../guest-progs/lazy_live.sh");
+/// Shell helpers shared with the other nested scenarios (API calls, stopping VMMs).
+const NESTED_LIB: &str = include_str!("../guest-progs/nested-lib.sh");
 
-/// The nested run, once per process; a harness failure is kept as text so that every nested
-/// test reports it instead of booting L1 again.
-fn nested() -> &'static Result<NestedRun, String> {
-    static RUN: OnceLock<Result<NestedRun, String>> = OnceLock::new();
-    let _heavy = heavy();
-    RUN.get_or_init(|| {
-        let (stamp, scan) = (compile("stamp"), compile("scan"));
+/// The nested run, shared by the three nested tests.
+fn nested_ok() -> &'static NestedRun {
+    static RUN: SharedNestedRun = SharedNestedRun::new("lazy/live");
+    RUN.get(|| {
+        let (stamp, scan) = (compile_guest_prog("stamp"), compile_guest_prog("scan"));
         let script = NESTED_SCRIPT
             .replace("@CMDLINE@", GUEST_CMDLINE)
             .replace("@NPAGES@", &STAMP_PAGES.to_string())
@@ -111,121 +61,47 @@ fn nested() -> &'static Result<NestedRun, String> {
             .program("/usr/bin/curl", "/usr/bin/curl")
             .file(&stamp, "/lazy/stamp")
             .file(&scan, "/lazy/scan");
-        let run = std::panic::catch_unwind(|| run_nested(&script, opts)).map_err(|e| {
-            e.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "nested run panicked".into())
-        });
-        if let Ok(run) = &run {
-            eprintln!(
-                "nested lazy/live run: {:.1}s total, script from {:.1}s to {:.1}s (log {})",
-                run.elapsed.as_secs_f64(),
-                run.time_of("NESTED-RUN-START")
-                    .unwrap_or_default()
-                    .as_secs_f64(),
-                run.time_of("SCRIPT_DONE").unwrap_or_default().as_secs_f64(),
-                run.log_path.display()
-            );
-        }
-        run
+        run_nested(&format!("{NESTED_LIB}\n{script}"), opts)
     })
-}
-
-/// The nested run, which must have finished its script.
-fn nested_ok() -> &'static NestedRun {
-    let run = nested().as_ref().unwrap_or_else(|e| panic!("{e}"));
-    if run.marker("SCRIPT_DONE").is_none() || run.exit_code != Some(0) {
-        panic!("{}", run.failure("the lazy/live script did not finish"));
-    }
-    run
-}
-
-fn m(run: &NestedRun, key: &str) -> String {
-    run.marker(key)
-        .unwrap_or_else(|| panic!("{}", run.failure(&format!("no {key}= marker"))))
-}
-
-/// The `i`th whitespace-separated word of a marker.
-fn word(run: &NestedRun, key: &str, i: usize) -> String {
-    m(run, key)
-        .split_whitespace()
-        .nth(i)
-        .unwrap_or("")
-        .to_string()
-}
-
-fn num(run: &NestedRun, key: &str) -> u64 {
-    let v = word(run, key, 0);
-    v.parse()
-        .unwrap_or_else(|_| panic!("{}", run.failure(&format!("{key}={v} is not a number"))))
-}
-
-/// The JSON that follows the first `skip` words of a marker.
-fn json_after(run: &NestedRun, key: &str, skip: usize) -> Value {
-    let v = m(run, key);
-    let text = v
-        .split_whitespace()
-        .skip(skip)
-        .collect::<Vec<_>>()
-        .join(" ");
-    serde_json::from_str(&text).unwrap_or_else(|e| {
-        panic!(
-            "{}",
-            run.failure(&format!("{key}: not JSON after {skip} words ({e}): {v}"))
-        )
-    })
-}
-
-fn check(run: &NestedRun, ok: bool, what: &str) {
-    if !ok {
-        panic!("{}", run.failure(what));
-    }
 }
 
 /// The stamper in a VM is alive: it finished a round after `at_least` and then another within a
 /// second, found its memory as it left it, and the agent answers. Returns its three rounds.
 fn check_alive(run: &NestedRun, name: &str, at_least: u64) -> [u64; 3] {
-    let counts = m(run, &format!("{name}_COUNTS"));
+    let counts = run.get(&format!("{name}_COUNTS"));
     let parsed: Vec<u64> = counts
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
         .collect();
-    check(
-        run,
+    run.check(
         parsed.len() == 3,
         &format!("{name}: stamper round not readable: {counts}"),
     );
     let r = [parsed[0], parsed[1], parsed[2]];
-    check(
-        run,
+    run.check(
         r[0] < r[1] && r[1] < r[2],
         &format!(
             "{name}: the stamper is not counting: rounds {r:?} (two rounds took {})",
-            m(run, &format!("{name}_NEXT_ROUNDS"))
+            run.get(&format!("{name}_NEXT_ROUNDS"))
         ),
     );
-    check(
-        run,
+    run.check(
         r[0] >= at_least,
         &format!(
             "{name}: stamper round {} is below {at_least}, from before the snapshot",
             r[0]
         ),
     );
-    check(
-        run,
-        m(run, &format!("{name}_ERR")) == "none",
+    run.check(
+        run.get(&format!("{name}_ERR")) == "none",
         &format!("{name}: the stamper found its memory changed under it"),
     );
-    check(
-        run,
-        !m(run, &format!("{name}_PID")).is_empty(),
+    run.check(
+        !run.get(&format!("{name}_PID")).is_empty(),
         &format!("{name}: no stamp process"),
     );
-    check(
-        run,
-        m(run, &format!("{name}_PING")) == "0",
+    run.check(
+        run.get(&format!("{name}_PING")) == "0",
         &format!("{name}: the agent does not answer"),
     );
     r
@@ -234,25 +110,19 @@ fn check_alive(run: &NestedRun, name: &str, at_least: u64) -> [u64; 3] {
 #[test]
 fn nested_live_snapshot_is_one_moment_and_restores() {
     let run = nested_ok();
-    check(
-        run,
-        num(run, "STAMP_STARTED") >= 3,
-        "the stamper did not start",
-    );
+    run.check(run.num("STAMP_STARTED") >= 3, "the stamper did not start");
     let mut last_c = 0;
     for n in 1..=3 {
         let key = |k: &str| format!("{k}_{n}");
-        check(
-            run,
-            word(run, &key("LIVE"), 0) == "200",
+        run.check(
+            run.word(&key("LIVE"), 0) == "200",
             &format!("live snapshot {n} failed"),
         );
-        check(
-            run,
-            m(run, &key("LIVE_STATE")) == "Running",
+        run.check(
+            run.get(&key("LIVE_STATE")) == "Running",
             &format!("VM not Running after live snapshot {n}"),
         );
-        let reply = json_after(run, &key("LIVE_REPLY"), 0);
+        let reply = run.json_after(&key("LIVE_REPLY"), 0);
         let pause = secs(&reply["pause"]).unwrap_or_else(|| {
             panic!(
                 "{}",
@@ -260,40 +130,35 @@ fn nested_live_snapshot_is_one_moment_and_restores() {
             )
         });
         let total = secs(&reply["total"]).unwrap_or(f64::NAN);
-        check(
-            run,
+        run.check(
             pause > 0.0 && pause <= total,
             &format!("live snapshot {n}: pause {pause} s vs total {total} s"),
         );
         let write_faults = reply["copy"]["write_faults"].as_u64().unwrap_or(0);
         // The scan: every stamped page once, one split point, counters one apart at most.
         let sk = |k: &str| format!("SCAN{n}_{k}");
-        let detail = m(run, &sk("DETAIL"));
-        check(
-            run,
-            num(run, &sk("FOUND")) == STAMP_PAGES,
+        let detail = run.get(&sk("DETAIL"));
+        run.check(
+            run.num(&sk("FOUND")) == STAMP_PAGES,
             &format!("live image {n}: not every stamped page once ({detail})"),
         );
         for k in ["MISSING", "DUPS", "BAD_INDEX"] {
-            check(
-                run,
-                num(run, &sk(k)) == 0,
+            run.check(
+                run.num(&sk(k)) == 0,
                 &format!("live image {n}: {k} ({detail})"),
             );
         }
-        let (min, max) = (num(run, &sk("MIN")), num(run, &sk("MAX")));
-        let split = num(run, &sk("SPLIT"));
-        check(
-            run,
-            max == min || (max == min + 1 && num(run, &sk("BOUNDARIES")) == 1 && split > 0),
+        let (min, max) = (run.num(&sk("MIN")), run.num(&sk("MAX")));
+        let split = run.num(&sk("SPLIT"));
+        run.check(
+            max == min || (max == min + 1 && run.num(&sk("BOUNDARIES")) == 1 && split > 0),
             &format!("live image {n} is torn: counters {min}..{max}, split {split}: {detail}"),
         );
-        check(run, m(run, &sk("OK")) == "1", &format!("scan {n} verdict"));
+        run.check(run.get(&sk("OK")) == "1", &format!("scan {n} verdict"));
         // The image is of a moment between the rounds read before and after the snapshot.
-        let before = num(run, &key("LIVE_COUNT_BEFORE"));
-        let after = num(run, &key("LIVE_COUNT_AFTER"));
-        check(
-            run,
+        let before = run.num(&key("LIVE_COUNT_BEFORE"));
+        let after = run.num(&key("LIVE_COUNT_AFTER"));
+        run.check(
             before <= min && max <= after + 1,
             &format!("live image {n}: rounds {min}..{max} outside {before}..{after}+1"),
         );
@@ -303,34 +168,31 @@ fn nested_live_snapshot_is_one_moment_and_restores() {
              with {split} of {STAMP_PAGES} pages already at {}",
             pause * 1e3,
             total * 1e3,
-            word(run, &key("LIVE"), 1),
+            run.word(&key("LIVE"), 1),
             min + 1
         );
         last_c = min;
     }
     check_alive(run, "SOURCE", last_c);
     // The last live snapshot restored into a new VMM: the stamper carries on from the image.
-    check(
-        run,
-        word(run, "LIVE_LOAD", 0) == "204",
+    run.check(
+        run.word("LIVE_LOAD", 0) == "204",
         "load of the live snapshot failed",
     );
-    check(
-        run,
-        m(run, "LIVE_RESTORED_STATE") == "Running",
+    run.check(
+        run.get("LIVE_RESTORED_STATE") == "Running",
         "restored VM not Running",
     );
     let [a, _, b] = check_alive(run, "LIVE_RESTORED", last_c);
-    check(
-        run,
-        word(run, "VMM0_EXIT", 0) == "0" && word(run, "VMML_EXIT", 0) == "0",
+    run.check(
+        run.word("VMM0_EXIT", 0) == "0" && run.word("VMML_EXIT", 0) == "0",
         "a VMM did not stop cleanly",
     );
     println!(
         "nested: live-restored stamper at rounds {a} then {b} (image at {last_c}); load took {}; \
          two rounds after the restore took {}",
-        word(run, "LIVE_LOAD", 1),
-        m(run, "LIVE_RESTORED_NEXT_ROUNDS")
+        run.word("LIVE_LOAD", 1),
+        run.get("LIVE_RESTORED_NEXT_ROUNDS")
     );
 }
 
@@ -345,8 +207,8 @@ struct Stats {
 }
 
 fn stats(run: &NestedRun, key: &str) -> Stats {
-    check(run, word(run, key, 0) == "200", &format!("{key}: HTTP"));
-    let v = json_after(run, key, 1);
+    run.check(run.word(key, 0) == "200", &format!("{key}: HTTP"));
+    let v = run.json_after(key, 1);
     let server = &v["server"];
     let u = |x: &Value, k: &str| {
         x[k].as_u64()
@@ -365,18 +227,16 @@ fn stats(run: &NestedRun, key: &str) -> Stats {
 /// Seconds from PUT /snapshot/load to the agent's answer, after checking both worked.
 fn ready_time(run: &NestedRun, name: &str) -> (f64, f64) {
     let key = format!("READY_{name}");
-    check(
-        run,
-        word(run, &key, 0) == "204",
+    run.check(
+        run.word(&key, 0) == "204",
         &format!("restore {name}: load failed"),
     );
-    check(
-        run,
-        word(run, &key, 1) == "0",
+    run.check(
+        run.word(&key, 1) == "0",
         &format!("restore {name}: the agent did not answer"),
     );
     let f = |i| {
-        word(run, &key, i)
+        run.word(&key, i)
             .parse::<f64>()
             .unwrap_or_else(|_| panic!("{}", run.failure(&format!("{key}: bad time"))))
     };
@@ -386,49 +246,40 @@ fn ready_time(run: &NestedRun, name: &str) -> (f64, f64) {
 #[test]
 fn nested_lazy_restore_prefetches_the_working_set() {
     let run = nested_ok();
-    check(run, word(run, "FULL", 0) == "200", "full snapshot failed");
+    run.check(run.word("FULL", 0) == "200", "full snapshot failed");
     let (ta, la) = ready_time(run, "a");
     let (tb, lb) = ready_time(run, "b");
     let (tc, lc) = ready_time(run, "c");
-    check(
-        run,
-        word(run, "WS_SAVE_a", 0) == "200",
-        "SaveWorkingSet failed",
-    );
-    let ws_pages = json_after(run, "WS_SAVE_a", 1)["pages"]
+    run.check(run.word("WS_SAVE_a", 0) == "200", "SaveWorkingSet failed");
+    let ws_pages = run.json_after("WS_SAVE_a", 1)["pages"]
         .as_u64()
         .unwrap_or(0);
-    check(
-        run,
+    run.check(
         ws_pages > 0,
         &format!(
             "SaveWorkingSet (record_ms 0) saved {ws_pages} pages: nothing was recorded until the \
              agent answered"
         ),
     );
-    check(
-        run,
-        word(run, "WS_FILE", 0) == (16 + 8 * ws_pages).to_string(),
+    run.check(
+        run.word("WS_FILE", 0) == (16 + 8 * ws_pages).to_string(),
         "working-set file size",
     );
     let a = stats(run, "STATS_a");
     let b = stats(run, "STATS_b");
-    check(
-        run,
+    run.check(
         a.prefetched_pages == 0 && a.faults > 0,
         "restore a: prefetched without a working set, or no faults",
     );
-    check(
-        run,
+    run.check(
         a.faults >= ws_pages,
         &format!(
             "restore a: {} faults but {ws_pages} pages in its working set",
             a.faults
         ),
     );
-    check(run, b.prefetched_pages > 0, "restore b prefetched nothing");
-    check(
-        run,
+    run.check(b.prefetched_pages > 0, "restore b prefetched nothing");
+    run.check(
         b.faults < a.faults / 2,
         &format!(
             "prefetch did not cut faults: {} with vs {} without",
@@ -436,12 +287,11 @@ fn nested_lazy_restore_prefetches_the_working_set() {
         ),
     );
     // The memory served lazily is the snapshot's: every stamper page as it was.
-    let round = num(run, "STAMP2_STARTED");
+    let round = run.num("STAMP2_STARTED");
     for n in ["a", "b", "c"] {
         check_alive(run, &format!("LAZY_{n}"), round);
-        check(
-            run,
-            word(run, &format!("VMM{n}_EXIT"), 0) == "0",
+        run.check(
+            run.word(&format!("VMM{n}_EXIT"), 0) == "0",
             &format!("VMM {n} did not stop cleanly"),
         );
     }
@@ -466,9 +316,9 @@ fn nested_lazy_restore_prefetches_the_working_set() {
     println!("  (c) File (mmap):          {tc:.2} s ({lc:.2} s)");
     println!(
         "  the stamper took {} / {} / {} for two rounds in (a) / (b) / (c)",
-        m(run, "LAZY_a_NEXT_ROUNDS"),
-        m(run, "LAZY_b_NEXT_ROUNDS"),
-        m(run, "LAZY_c_NEXT_ROUNDS")
+        run.get("LAZY_a_NEXT_ROUNDS"),
+        run.get("LAZY_b_NEXT_ROUNDS"),
+        run.get("LAZY_c_NEXT_ROUNDS")
     );
     if a.faults > b.faults && ta > tb {
         println!(
@@ -481,46 +331,40 @@ fn nested_lazy_restore_prefetches_the_working_set() {
 #[test]
 fn nested_lazy_clones_are_isolated() {
     let run = nested_ok();
-    let round = num(run, "STAMP2_STARTED");
+    let round = run.num("STAMP2_STARTED");
     for c in 1..=3 {
         let k = |x: &str| format!("{x}_{c}");
-        check(
-            run,
-            word(run, &k("CLONE_LOAD"), 0) == "204",
+        run.check(
+            run.word(&k("CLONE_LOAD"), 0) == "204",
             &format!("clone {c} load failed"),
         );
-        check(
-            run,
-            m(run, &k("CLONE_WRITE")) == "0",
+        run.check(
+            run.get(&k("CLONE_WRITE")) == "0",
             &format!("clone {c} write failed"),
         );
         let own = format!("clone-{c} clone-{c}");
-        check(
-            run,
-            m(run, &k("CLONE_SEES")) == own,
+        run.check(
+            run.get(&k("CLONE_SEES")) == own,
             &format!("clone {c} does not see only its own data ({own})"),
         );
-        check(
-            run,
-            m(run, &k("CLONE_STATE")) == "Running",
+        run.check(
+            run.get(&k("CLONE_STATE")) == "Running",
             &format!("clone {c} not Running"),
         );
         check_alive(run, &format!("CLONE_{c}"), round);
         let st = stats(run, &k("CLONE_STATS"));
-        check(
-            run,
+        run.check(
             st.prefetched_pages > 0,
             &format!("clone {c} prefetched nothing"),
         );
-        check(
-            run,
-            word(run, &format!("CLONE_VMM_{c}_EXIT"), 0) == "0",
+        run.check(
+            run.word(&format!("CLONE_VMM_{c}_EXIT"), 0) == "0",
             &format!("clone {c} VMM did not stop cleanly"),
         );
         println!(
             "nested: clone {c}: load {}, {} faults, {} pages prefetched (working set + \
              background fill), {} zero pages",
-            word(run, &k("CLONE_LOAD"), 1),
+            run.word(&k("CLONE_LOAD"), 1),
             st.faults,
             st.prefetched_pages,
             st.zero_pages
@@ -534,185 +378,64 @@ fn nested_lazy_clones_are_isolated() {
 
 const INIT_LINE: &str = "Run /sbin/init as init process";
 
-/// A `vmm` process with its output in files; killed when dropped.
-struct Vmm {
-    child: Child,
-    name: String,
-    stderr: PathBuf,
-    started: Instant,
-}
+/// How long a VMM may take to open its API socket, and to exit after Stop.
+const API_WAIT: Duration = Duration::from_secs(20);
+const STOP_WAIT: Duration = Duration::from_secs(30);
 
-impl Vmm {
-    fn spawn(dir: &Path, name: &str, args: &[&str]) -> Vmm {
-        let stderr = dir.join(format!("{name}.stderr"));
-        let child = Command::new(vmm_binary())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(dir.join(format!("{name}.stdout"))).unwrap())
-            .stderr(fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn vmm {args:?}: {e}"));
-        Vmm {
-            child,
-            name: name.to_string(),
-            stderr,
-            started: Instant::now(),
+/// Waits until `serial` shows the init line, then for the exit the guest's panic causes on
+/// kvm_pvm (an ordinary KVM runs user space on: the VMM is killed there). Returns the time from
+/// spawn to the init line.
+fn run_to_init(vm: &mut VmmProcess, serial: &Path) -> Duration {
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut init_at = None;
+    let status = loop {
+        if init_at.is_none() && read_lossy(serial).contains(INIT_LINE) {
+            init_at = Some(vm.started().elapsed());
         }
-    }
-
-    fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(st) = vm.try_wait() {
+            break Some(st);
         }
-    }
-
-    fn wait_api(&mut self, sock: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(sock).is_err() {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                panic!("vmm {} exited early ({st}): {}", self.name, self.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "vmm {}: no API socket",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        if init_at.is_some() && !pvm {
+            break None;
         }
-    }
-
-    /// Waits until `serial` shows the init line, then for the exit the guest's panic causes on
-    /// kvm_pvm (an ordinary KVM runs user space on: the VMM is killed there). Returns the time
-    /// from spawn to the init line.
-    fn run_to_init(&mut self, serial: &Path) -> Duration {
-        let pvm = Path::new("/sys/module/kvm_pvm").exists();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        let mut init_at = None;
-        let status = loop {
-            if init_at.is_none() && fs::read_to_string(serial).is_ok_and(|l| l.contains(INIT_LINE))
-            {
-                init_at = Some(self.started.elapsed());
-            }
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                break Some(st);
-            }
-            if init_at.is_some() && !pvm {
-                break None;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: still running after 300 s without init:\n{}",
-                self.name,
-                tail(&fs::read_to_string(serial).unwrap_or_default(), 30)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let log = fs::read_to_string(serial).unwrap_or_default();
-        let init_at = init_at.or_else(|| log.contains(INIT_LINE).then(|| self.started.elapsed()));
-        let err = self.stderr();
         assert!(
-            init_at.is_some(),
-            "{} did not reach init ({status:?}, stderr {err}):\n{}",
-            self.name,
-            tail(&log, 30)
+            Instant::now() < deadline,
+            "{}: still running after 300 s without init:\n{}",
+            vm.name(),
+            tail(&read_lossy(serial), 30)
         );
-        assert!(
-            !log.contains("Linux version"),
-            "{} booted again instead of carrying on:\n{}",
-            self.name,
-            tail(&log, 30)
-        );
-        if pvm {
-            assert_eq!(
-                status.and_then(|s| s.code()),
-                Some(2),
-                "{}: stderr {err}",
-                self.name
-            );
-            assert!(
-                err.contains("guest kernel panicked"),
-                "{}: stderr {err}",
-                self.name
-            );
-        }
-        init_at.unwrap_or_default()
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP request on an API socket: (status, body).
-fn api(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let attempt = || -> std::io::Result<(u16, String)> {
-        let mut stream = UnixStream::connect(sock)?;
-        stream.set_read_timeout(Some(Duration::from_secs(150)))?;
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-        match body {
-            Some(b) => req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-                b.len()
-            )),
-            None => req.push_str("\r\n"),
-        }
-        stream.write_all(req.as_bytes())?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let n = stream.read(&mut chunk)?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            let Some(head_end) = text.find("\r\n\r\n") else {
-                continue;
-            };
-            let head = &text[..head_end];
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            if buf.len() >= head_end + 4 + len {
-                let body = String::from_utf8_lossy(&buf[head_end + 4..head_end + 4 + len]);
-                return Ok((status, body.into_owned()));
-            }
-        }
+        std::thread::sleep(Duration::from_millis(100));
     };
-    attempt().unwrap_or_else(|e| panic!("{method} {path} on {}: {e}", sock.display()))
-}
-
-fn snapshot_body(kind: &str, dir: &Path) -> String {
-    fs::create_dir_all(dir).expect("create snapshot dir");
-    format!(
-        r#"{{"snapshot_type":"{kind}","snapshot_path":"{}","mem_file_path":"{}"}}"#,
-        s(&dir.join("vmstate")),
-        s(&dir.join("memory"))
-    )
+    let log = read_lossy(serial);
+    let init_at = init_at.or_else(|| log.contains(INIT_LINE).then(|| vm.started().elapsed()));
+    let err = vm.stderr();
+    assert!(
+        init_at.is_some(),
+        "{} did not reach init ({status:?}, stderr {err}):\n{}",
+        vm.name(),
+        tail(&log, 30)
+    );
+    assert!(
+        !log.contains("Linux version"),
+        "{} booted again instead of carrying on:\n{}",
+        vm.name(),
+        tail(&log, 30)
+    );
+    if pvm {
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{}: stderr {err}",
+            vm.name()
+        );
+        assert!(
+            err.contains("guest kernel panicked"),
+            "{}: stderr {err}",
+            vm.name()
+        );
+    }
+    init_at.unwrap_or_default()
 }
 
 #[test]
@@ -722,11 +445,11 @@ fn direct_lazy_and_live_restores_of_a_kernel_mid_boot_reach_init() {
         return;
     }
     let a = artifacts();
-    let dir = scratch("direct");
+    let dir = scratch("lazy", "direct");
     let rootfs = dir.join("rootfs.ext4");
     fs::copy(&a.rootfs, &rootfs).expect("copy rootfs");
     let (sock, serial) = (dir.join("boot.sock"), dir.join("boot.serial"));
-    let mut boot = Vmm::spawn(
+    let mut boot = VmmProcess::spawn(
         &dir,
         "boot",
         &[
@@ -745,26 +468,24 @@ fn direct_lazy_and_live_restores_of_a_kernel_mid_boot_reach_init() {
             s(&sock),
         ],
     );
-    boot.wait_api(&sock);
+    boot.wait_api(&sock, API_WAIT);
 
     // A live snapshot of the running kernel once its console is up (its first output is the
     // buffered early log, some 8 s of guest CPU time into the boot; the wall time depends on
     // what else this machine runs).
-    let deadline = Instant::now() + Duration::from_secs(150);
-    while !fs::read_to_string(&serial).is_ok_and(|l| l.contains("Linux version")) {
-        if let Some(st) = boot.child.try_wait().expect("try_wait") {
-            panic!("boot VMM exited ({st}): {}", boot.stderr());
-        }
-        assert!(Instant::now() < deadline, "no console output after 150 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let console_at = boot.started.elapsed();
+    wait_for_text(
+        &mut boot,
+        &serial,
+        "Linux version",
+        Duration::from_secs(150),
+    );
+    let console_at = boot.started().elapsed();
     let live_dir = dir.join("live");
     let (code, reply) = api(
         &sock,
         "PUT",
         "/snapshot/create",
-        Some(&snapshot_body("Live", &live_dir)),
+        Some(&create_body("Live", &live_dir)),
     );
     assert_eq!(code, 200, "live snapshot: {reply}");
     let reply: Value = serde_json::from_str(&reply).expect("live snapshot reply JSON");
@@ -789,18 +510,15 @@ fn direct_lazy_and_live_restores_of_a_kernel_mid_boot_reach_init() {
         &sock,
         "PUT",
         "/snapshot/create",
-        Some(&snapshot_body("Full", &full_dir)),
+        Some(&create_body("Full", &full_dir)),
     );
     assert_eq!(code, 200, "full snapshot: {body}");
-    let (code, body) = api(&sock, "PUT", "/actions", Some(r#"{"action_type":"Stop"}"#));
-    assert_eq!(code, 204, "Stop: {body}");
-    let st = boot.wait(Duration::from_secs(30));
-    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", boot.stderr());
+    boot.stop(&sock, STOP_WAIT);
 
     // The live snapshot through `vmm run --restore` (the original rootfs path) and the full one
     // lazily through the API (a copy of the rootfs), side by side.
     let live_serial = dir.join("live.serial");
-    let mut live = Vmm::spawn(
+    let mut live = VmmProcess::spawn(
         &dir,
         "live-restore",
         &[
@@ -814,12 +532,12 @@ fn direct_lazy_and_live_restores_of_a_kernel_mid_boot_reach_init() {
     let lazy_disk = dir.join("lazy.ext4");
     fs::copy(&rootfs, &lazy_disk).expect("copy rootfs");
     let (lsock, lserial) = (dir.join("lazy.sock"), dir.join("lazy.serial"));
-    let mut lazy = Vmm::spawn(
+    let mut lazy = VmmProcess::spawn(
         &dir,
         "lazy-restore",
         &["run", "--api-sock", s(&lsock), "--serial-log", s(&lserial)],
     );
-    lazy.wait_api(&lsock);
+    lazy.wait_api(&lsock, API_WAIT);
     let mem = full_dir.join("memory");
     let load = format!(
         r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"Uffd","backend_path":"{}"}},"resume_vm":true,"working_set":{{"prefetch":false,"record_ms":3000,"background_fill":false}},"drive_overrides":[{{"drive_id":"rootfs","path_on_host":"{}"}}]}}"#,
@@ -841,8 +559,8 @@ fn direct_lazy_and_live_restores_of_a_kernel_mid_boot_reach_init() {
     );
 
     let (lazy_init, live_init) = std::thread::scope(|sc| {
-        let l = sc.spawn(|| live.run_to_init(&live_serial));
-        let z = lazy.run_to_init(&lserial);
+        let l = sc.spawn(|| run_to_init(&mut live, &live_serial));
+        let z = run_to_init(&mut lazy, &lserial);
         (z, l.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
     });
     let ws = fs::metadata(mem.with_file_name("memory.ws")).map(|m| m.len());

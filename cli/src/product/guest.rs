@@ -39,12 +39,60 @@ pub fn sync(sb: &Sandbox, timeout: Duration) -> Result<()> {
     c.sync().map_err(|e| agent_err(sb, e))
 }
 
+/// How long the host waits for the agent to answer a sync or a freeze. FIFREEZE
+/// waits for writes in progress, so a busy guest may take a while; a guest that
+/// takes longer is treated as not answering.
+pub const FREEZE_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the host tries to queue a thaw after a freeze went unanswered.
+const THAW_AFTER_FAILURE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Syncs and freezes the guest's writable filesystems; the agent thaws them
 /// by itself after `auto_thaw` if nobody does. Returns what was frozen.
+///
+/// Waits at most `timeout` for the agent to accept the connection and
+/// [`FREEZE_ANSWER_TIMEOUT`] for each answer. When the freeze gets no answer
+/// (the agent may be stuck in FIFREEZE behind a write in progress, and freeze
+/// once that write ends, after we gave up), a thaw is queued before returning:
+/// the agent serialises freeze and thaw, so the thaw runs as soon as that late
+/// freeze completes and the guest is not left frozen until its watchdog fires.
 pub fn freeze(sb: &Sandbox, timeout: Duration, auto_thaw: Duration) -> Result<Vec<String>> {
     let mut c = connect(sb, timeout)?;
+    c.set_timeout(FREEZE_ANSWER_TIMEOUT);
     c.sync().map_err(|e| agent_err(sb, e))?;
-    c.freeze(None, auto_thaw).map_err(|e| agent_err(sb, e))
+    match c.freeze(None, auto_thaw) {
+        Ok(frozen) => Ok(frozen),
+        // The agent answered: the freeze failed and it rolled back what it had
+        // frozen; a thaw now could undo someone else's freeze.
+        Err(e @ client::ClientError::Agent(_)) => Err(agent_err(sb, e)),
+        Err(e) => {
+            drop(c);
+            queue_thaw(sb);
+            Err(agent_err(
+                sb,
+                format!(
+                    "no answer to the freeze request within {}s ({e}); a thaw was queued, \
+                     and the agent thaws by itself within {}s of freezing",
+                    FREEZE_ANSWER_TIMEOUT.as_secs(),
+                    auto_thaw.as_secs()
+                ),
+            ))
+        }
+    }
+}
+
+/// Sends a thaw without waiting long for its answer (the agent performs it even
+/// after we close the connection). Failures are logged: the agent's watchdog is
+/// the last resort.
+fn queue_thaw(sb: &Sandbox) {
+    let result = connect(sb, THAW_AFTER_FAILURE_TIMEOUT).and_then(|mut c| {
+        c.set_timeout(THAW_AFTER_FAILURE_TIMEOUT);
+        c.thaw().map_err(|e| agent_err(sb, e))
+    });
+    match result {
+        Ok(thawed) => log::info!("thawed {thawed:?} after an unanswered freeze"),
+        Err(e) => log::warn!("thaw after an unanswered freeze not confirmed: {e}"),
+    }
 }
 
 pub fn thaw(sb: &Sandbox, timeout: Duration) -> Result<Vec<String>> {
