@@ -48,6 +48,7 @@ echo piped | vmm use dev -i -- cat >/tmp/out 2>/tmp/err; echo "STDIN_OUT=$(oneli
 vmm use dev -- sh -c 'echo precious > /root/data.txt; sync'
 vmm use dev -- sh -c 'setsid sh -c "i=0; while :; do i=\$((i+1)); echo \$i > /tmp/counter; sleep 1; done" </dev/null >/dev/null 2>&1 &'
 sleep 2
+echo "COUNTER_BEFORE_SAVE=$(vmm use dev -- cat /tmp/counter)"
 t0=$(now); run SAVE vmm snapshot save dev --name before-risky; echo "T_SAVE_FULL=$(el $t0)"
 echo "PAUSED_STATUS=$(vmm status dev -o json | grep '"status"' | tr -d ' ,')"
 run RISKY vmm use dev -- sh -c 'rm -f /root/data.txt; echo broken > /root/broken'
@@ -57,7 +58,9 @@ run RM_FORCE vmm rm -f dev
 t0=$(now); run RESTORE vmm snapshot restore before-risky --into dev; echo "T_RESTORE=$(el $t0)"
 run RESTORED_DATA vmm use dev -- cat /root/data.txt
 run RESTORED_BROKEN vmm use dev -- sh -c 'test -e /root/broken; echo $?'
-c1=$(vmm use dev -- cat /tmp/counter); sleep 2; c2=$(vmm use dev -- cat /tmp/counter)
+c1=$(vmm use dev -- cat /tmp/counter 2>/tmp/c1.err); sleep 2; c2=$(vmm use dev -- cat /tmp/counter)
+echo "COUNTER_READ_ERR=$(oneline </tmp/c1.err)"
+echo "DEV_VMM_LOG=$(tail -n 5 /state/sandboxes/dev/vmm.log | oneline)"
 echo "COUNTER_RESTORED=$c1"
 echo "COUNTER_ADVANCES=$([ -n "$c1" ] && [ -n "$c2" ] && [ "$c2" -gt "$c1" ] && echo yes || echo "no:$c1:$c2")"
 
