@@ -13,18 +13,22 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{Error, Result};
 
+pub mod diff;
+
 /// `_IOW(0x94, 9, int)`: clone all of a file's extents into another.
 const FICLONE: libc::c_ulong = 0x4004_9409;
 
 /// Copy chunk for the read/write fallback.
 const CHUNK: usize = 1 << 20;
 
-/// How a copy was made.
+/// How a disk was stored: copied (reflink or sparse), or as the chunks
+/// changed since the parent snapshot (`diff`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CopyMethod {
     Reflink,
     Sparse,
+    Diff,
 }
 
 /// Copies `src` to a new file `dst` (which must not exist) and fsyncs it.

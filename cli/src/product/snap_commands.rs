@@ -98,6 +98,8 @@ fn snapshot_json(m: &SnapshotMeta) -> Value {
         "mem_mib": m.mem_mib,
         "guest_sync": m.guest_sync,
         "disk_copy": m.disk_copy,
+        "disk_bytes": m.disk_bytes,
+        "disk_changed_chunks": m.disk_changed_chunks,
         "took_ms": m.took_ms,
     })
 }
@@ -148,7 +150,9 @@ mod tests {
             mem_mib: 128,
             creator_pid: 1,
             guest_sync: Some("synced".into()),
-            disk_copy: None,
+            disk_copy: Some(crate::product::disk::CopyMethod::Diff),
+            disk_bytes: Some(128 << 10),
+            disk_changed_chunks: Some(2),
             took_ms: Some(12),
         };
         let v = snapshot_json(&m);
@@ -156,6 +160,9 @@ mod tests {
         assert_eq!(v["parent"], "base");
         assert_eq!(v["created"], "1970-01-01T00:00:00Z");
         assert_eq!(v["expires"], Value::Null);
+        assert_eq!(v["disk_copy"], "diff");
+        assert_eq!(v["disk_bytes"], 128 << 10);
+        assert_eq!(v["disk_changed_chunks"], 2);
         let text = table(&[m]);
         let mut lines = text.lines();
         let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();

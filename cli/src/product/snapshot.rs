@@ -3,9 +3,9 @@
 //! failed with the reason kept.
 //!
 //! Types: `full` (all memory, device and vCPU state, and the disk), `diff`
-//! (only the memory pages written since the sandbox's previous snapshot, its
-//! parent; restoring merges the chain), `disk` (the disk alone; restoring
-//! boots it).
+//! (only the memory pages written and the disk chunks changed since the
+//! sandbox's previous snapshot, its parent; restoring merges the chain, see
+//! disk/diff.rs), `disk` (the disk alone; restoring boots it).
 //!
 //! Guest consistency: memory snapshots capture the VM paused, memory and disk
 //! at the same instant, so the pair is exact; the agent only `sync`s first so
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use vmm::api::SnapshotType;
 
 use super::clock::{self, LocalTime};
+use super::disk::diff::{self as disk_diff, DiskChain};
 use super::disk::{self, CopyMethod};
 use super::error::{Error, Result};
 use super::guest;
@@ -112,6 +113,13 @@ pub struct SnapshotMeta {
     pub guest_sync: Option<String>,
     #[serde(default)]
     pub disk_copy: Option<CopyMethod>,
+    /// Bytes the snapshot's disk part occupies (a diff's changed chunks and
+    /// map, or the copy).
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    /// Disk chunks a diff stores.
+    #[serde(default)]
+    pub disk_changed_chunks: Option<u64>,
     #[serde(default)]
     pub took_ms: Option<u64>,
 }
@@ -245,6 +253,8 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
         creator_pid: std::process::id(),
         guest_sync: None,
         disk_copy: None,
+        disk_bytes: None,
+        disk_changed_chunks: None,
         took_ms: None,
     };
     meta.save(ctx)?;
@@ -255,6 +265,12 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
         Ok(()) => {
             meta.status = SnapStatus::Ready;
             meta.size_bytes = disk::dir_allocated_bytes(&dir);
+            meta.disk_bytes = Some(
+                [disk_diff::DISK_FILE, disk_diff::MAP_FILE]
+                    .iter()
+                    .map(|f| disk::allocated_bytes(&dir.join(f)))
+                    .sum(),
+            );
             meta.save(ctx)?;
             if opts.kind != SnapKind::Disk {
                 sb.meta.mem_baseline = Some(name);
@@ -265,7 +281,12 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
         Err(e) => {
             meta.status = SnapStatus::Failed;
             meta.reason = Some(e.to_string());
-            for f in ["vmstate", "memory", "disk"] {
+            for f in [
+                "vmstate",
+                "memory",
+                disk_diff::DISK_FILE,
+                disk_diff::MAP_FILE,
+            ] {
                 let _ = std::fs::remove_file(dir.join(f));
             }
             let _ = meta.save(ctx);
@@ -356,8 +377,25 @@ fn take(
             };
             api.create_snapshot(kind, &dir.join("vmstate"), &dir.join("memory"))?;
         }
-        ctx.progress.step("copying the disk");
-        meta.disk_copy = Some(disk::copy_file(&sb.paths.disk, &dir.join("disk"))?);
+        if let Some(parent) = meta
+            .parent
+            .as_deref()
+            .filter(|_| opts.kind == SnapKind::Diff)
+        {
+            ctx.progress
+                .step("storing the disk chunks changed since the parent");
+            let parent = SnapshotMeta::load(ctx, parent)?;
+            let chain = disk_chain(ctx, &ancestry(ctx, &parent)?)?;
+            let summary = disk_diff::save_diff(&sb.paths.disk, &chain, dir)?;
+            meta.disk_copy = Some(CopyMethod::Diff);
+            meta.disk_changed_chunks = Some(summary.changed_chunks);
+        } else {
+            ctx.progress.step("copying the disk");
+            meta.disk_copy = Some(disk::copy_file(
+                &sb.paths.disk,
+                &dir.join(disk_diff::DISK_FILE),
+            )?);
+        }
         Ok(())
     };
     let result = steps();
@@ -403,27 +441,11 @@ pub fn loadable_files(ctx: &Ctx, snap: &SnapshotMeta, paths: &Paths) -> Result<(
         }
         SnapKind::Diff => {}
     }
-    // Walk back to the full snapshot.
-    let mut chain = vec![snap.clone()];
-    while let Some(parent) = chain.last().and_then(|s| s.parent.clone()) {
-        if chain.len() > 1000 {
-            return Err(Error::Invalid(format!(
-                "snapshot {}: diff chain too long",
-                snap.name
-            )));
-        }
-        let m = SnapshotMeta::load(ctx, &parent).map_err(|_| {
-            Error::Invalid(format!(
-                "snapshot {} builds on {parent}, which no longer exists",
-                snap.name
-            ))
-        })?;
-        m.require_ready()?;
-        chain.push(m);
-    }
-    let Some(base) = chain.pop().filter(|b| b.kind == SnapKind::Full) else {
+    let mut chain = ancestry(ctx, snap)?;
+    let disk = disk_chain(ctx, &chain)?;
+    let Some(base) = chain.pop() else {
         return Err(Error::Invalid(format!(
-            "snapshot {}: its chain does not start at a full snapshot",
+            "snapshot {}: empty chain",
             snap.name
         )));
     };
@@ -443,7 +465,66 @@ pub fn loadable_files(ctx: &Ctx, snap: &SnapshotMeta, paths: &Paths) -> Result<(
         vmm::snapshot::merge_diff_snapshot(&paths.vmstate, &paths.memory, &d.join("memory"))
             .map_err(|e| Error::Failed(format!("merging snapshot {}: {e}", diff.name)))?;
     }
+    // The sandbox was given a copy of the snapshot's own `disk`: for a diff
+    // disk that is only the changed chunks.
+    if !disk.diffs.is_empty() {
+        ctx.progress.step(&format!(
+            "applying {} disk diff(s) onto {}",
+            disk.diffs.len(),
+            disk.base.display()
+        ));
+        disk_diff::rebuild(&disk, &paths.disk)?;
+    }
     Ok((paths.vmstate.clone(), paths.memory.clone()))
+}
+
+/// `snap` and its parents back to the full snapshot they build on (last),
+/// each ready.
+fn ancestry(ctx: &Ctx, snap: &SnapshotMeta) -> Result<Vec<SnapshotMeta>> {
+    let mut chain = vec![snap.clone()];
+    while let Some(parent) = chain.last().and_then(|s| s.parent.clone()) {
+        if chain.len() > 1000 {
+            return Err(Error::Invalid(format!(
+                "snapshot {}: diff chain too long",
+                snap.name
+            )));
+        }
+        let m = SnapshotMeta::load(ctx, &parent).map_err(|_| {
+            Error::Invalid(format!(
+                "snapshot {} builds on {parent}, which no longer exists",
+                snap.name
+            ))
+        })?;
+        m.require_ready()?;
+        chain.push(m);
+    }
+    if chain.last().map(|b| b.kind) != Some(SnapKind::Full) {
+        return Err(Error::Invalid(format!(
+            "snapshot {}: its chain does not start at a full snapshot",
+            snap.name
+        )));
+    }
+    Ok(chain)
+}
+
+/// The disk of the newest snapshot in `ancestry` (newest first): the newest
+/// snapshot holding a whole disk (a full one, or a diff saved before diffs
+/// stored disk chunks) and the diff disks above it.
+fn disk_chain(ctx: &Ctx, ancestry: &[SnapshotMeta]) -> Result<DiskChain> {
+    let dirs: Vec<PathBuf> = ancestry
+        .iter()
+        .map(|s| ctx.store.snapshot_dir(&s.name))
+        .collect();
+    let Some(cut) = dirs.iter().position(|d| !disk_diff::is_diff(d)) else {
+        let name = ancestry.first().map_or("?", |s| s.name.as_str());
+        return Err(Error::Invalid(format!(
+            "snapshot {name}: no snapshot in its chain holds a whole disk"
+        )));
+    };
+    Ok(DiskChain {
+        base: dirs[cut].join(disk_diff::DISK_FILE),
+        diffs: dirs[..cut].iter().rev().cloned().collect(),
+    })
 }
 
 /// Snapshots whose parent is `name`.
@@ -558,8 +639,75 @@ mod tests {
             creator_pid: std::process::id(),
             guest_sync: None,
             disk_copy: None,
+            disk_bytes: None,
+            disk_changed_chunks: None,
             took_ms: None,
         }
+    }
+
+    /// A store holding full snapshot `a` and diffs `b` (on a) and `c` (on
+    /// b) whose disks are diffs of three successive disk states.
+    #[test]
+    fn disk_chains_follow_parents_and_rebuild_exactly() {
+        use super::super::config::ProductConfig;
+        use super::super::output::Progress;
+        use super::super::store::{tests::TempDir, Store};
+        use std::os::unix::fs::FileExt;
+
+        let t = TempDir::new("snap-chain");
+        let store = Store::open(&t.0.join("state")).unwrap();
+        let ctx = Ctx {
+            config: ProductConfig::load(&store).unwrap(),
+            store,
+            progress: Progress::quiet(),
+        };
+        let disk = t.0.join("sandbox.ext4");
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(8 << 20).unwrap();
+        f.write_all_at(b"v1", 0).unwrap();
+        let metas = [meta("a", None), meta("b", Some("a")), meta("c", Some("b"))];
+        let mut states = Vec::new();
+        for (i, m) in metas.iter().enumerate() {
+            std::fs::create_dir(ctx.store.snapshot_dir(&m.name)).unwrap();
+            m.save(&ctx).unwrap();
+            let dir = ctx.store.snapshot_dir(&m.name);
+            if let Some(parent) = &m.parent {
+                let parent = SnapshotMeta::load(&ctx, parent).unwrap();
+                let chain = disk_chain(&ctx, &ancestry(&ctx, &parent).unwrap()).unwrap();
+                disk_diff::save_diff(&disk, &chain, &dir).unwrap();
+            } else {
+                disk::copy_file(&disk, &dir.join("disk")).unwrap();
+            }
+            states.push(std::fs::read(&disk).unwrap());
+            f.write_all_at(format!("v{}", i + 2).as_bytes(), (i as u64 + 1) << 20)
+                .unwrap();
+        }
+        let c = ancestry(&ctx, &metas[2]).unwrap();
+        assert_eq!(
+            c.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            ["c", "b", "a"]
+        );
+        let chain = disk_chain(&ctx, &c).unwrap();
+        let dir = |n: &str| ctx.store.snapshot_dir(n);
+        assert_eq!(chain.base, dir("a").join("disk"));
+        assert_eq!(chain.diffs, [dir("b"), dir("c")]);
+        let out = t.0.join("out");
+        disk_diff::rebuild(&chain, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), states[2]);
+
+        // A diff from before diff disks (a whole `disk`, no map) is a base.
+        std::fs::remove_file(dir("b").join(disk_diff::MAP_FILE)).unwrap();
+        std::fs::write(dir("b").join("disk"), &states[1]).unwrap();
+        let chain = disk_chain(&ctx, &c).unwrap();
+        assert_eq!(chain.base, dir("b").join("disk"));
+        assert_eq!(chain.diffs, [dir("c")]);
+        disk_diff::rebuild(&chain, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), states[2]);
+
+        // A missing parent breaks the chain with a clear error.
+        remove_dir(&ctx, "b").unwrap();
+        let e = ancestry(&ctx, &metas[2]).unwrap_err().to_string();
+        assert!(e.contains("builds on b, which no longer exists"), "{e}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! STATE/locks/sandbox-NAME.lock  held while a sandbox changes (start, stop, snapshot)
 //! STATE/sandboxes/NAME/          meta.json disk.ext4 api.sock vsock.sock serial.log vmm.log
 //!                                history.log [vmstate memory (restored from a diff)]
-//! STATE/snapshots/NAME/          meta.json vmstate memory disk
+//! STATE/snapshots/NAME/          meta.json vmstate memory disk [disk.map: disk holds only changed chunks]
 //! ```
 
 use std::fs::{File, OpenOptions};
