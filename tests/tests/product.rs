@@ -84,8 +84,16 @@ vmm rm -f fresh
 # 5. A diff snapshot on top of with-tool (left's previous snapshot).
 vmm use left -- sh -c 'echo diffdata > /root/diff.txt; echo in-memory > /tmp/mem.txt'
 t0=$(now); run DIFF vmm snapshot save left --name left-diff --type diff --resume-source -o json; echo "T_SAVE_DIFF=$(el $t0)"
+echo "LEFT_DISK_SIZE=$(stat -c %s /state/sandboxes/left/disk.ext4)"
 t0=$(now); run FROMDIFF vmm use fromdiff --snapshot left-diff -- sh -c 'cat /root/diff.txt /tmp/mem.txt; /opt/tool/run x'; echo "T_RESTORE_DIFF=$(el $t0)"
+# The page cache dropped, files come from the disk rebuilt from with-tool's disk and left-diff's chunks.
+run FROMDIFF_DISK vmm use fromdiff -- sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches && cat /root/diff.txt && /opt/tool/run x'
 vmm rm -f fromdiff
+# A second diff on the first: the disk is rebuilt from a chain of two diffs.
+vmm use left -- sh -c 'echo second > /root/diff2.txt; echo diffdata-2 > /root/diff.txt'
+run DIFF2 vmm snapshot save left --name left-diff2 --type diff --resume-source -o json
+run FROMDIFF2 vmm use fromdiff2 --snapshot left-diff2 -- sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches && cat /root/diff.txt /root/diff2.txt && /opt/tool/run y'
+vmm rm -f fromdiff2
 run RM_DEP vmm snapshot rm with-tool
 run RM_DEP_FORCE vmm snapshot rm -f with-tool
 
@@ -227,13 +235,40 @@ fn nested_sandbox_and_snapshot_scenarios() {
     assert_eq!(diff["parent"], "with-tool");
     assert_eq!(diff["status"], "ready");
     expect(&run, "FROMDIFF", 0, Some("diffdata|in-memory|tool-v1 x|"));
+    // The diff stores only the disk chunks that changed since with-tool.
+    let disk_size: u64 = marker(&run, "LEFT_DISK_SIZE").parse().unwrap();
+    assert_eq!(diff["disk_copy"], "diff", "{diff}");
+    let diff_disk = diff["disk_bytes"].as_u64().unwrap();
+    assert!(
+        diff["disk_changed_chunks"].as_u64().unwrap() > 0 && diff_disk > 0,
+        "the guest wrote /root/diff.txt: {diff}"
+    );
+    assert!(
+        diff_disk * 16 < disk_size,
+        "diff disk part {diff_disk} bytes, disk {disk_size}"
+    );
+    assert!(diff["size_bytes"].as_u64().unwrap() >= diff_disk);
+    expect(&run, "FROMDIFF_DISK", 0, Some("diffdata|tool-v1 x|"));
+    expect(&run, "DIFF2", 0, None);
+    let diff2: Value = serde_json::from_str(&marker(&run, "DIFF2_OUT").replace('|', "")).unwrap();
+    assert_eq!(diff2["parent"], "left-diff");
+    assert!(
+        diff2["disk_bytes"].as_u64().unwrap() * 16 < disk_size,
+        "{diff2}"
+    );
+    expect(&run, "FROMDIFF2", 0, Some("diffdata-2|second|tool-v1 y|"));
     expect(&run, "RM_DEP", 1, None);
     assert!(
         err_of(&run, "RM_DEP").contains("left-diff"),
         "{}",
         err_of(&run, "RM_DEP")
     );
-    expect(&run, "RM_DEP_FORCE", 0, Some("left-diff|with-tool|"));
+    expect(
+        &run,
+        "RM_DEP_FORCE",
+        0,
+        Some("left-diff2|left-diff|with-tool|"),
+    );
 
     // 6. Disk snapshot.
     expect(&run, "DISK", 0, None);
