@@ -67,6 +67,13 @@ pub struct RunArgs {
     /// Run without seccomp filters (debugging only: any syscall allowed).
     #[arg(long)]
     no_seccomp: bool,
+    /// The product sandbox this VMM runs: its snapshot schedule is run by a
+    /// thread of this process (set by `vmm use`, not meant for users).
+    #[arg(long, value_name = "NAME", hide = true, requires = "sandbox_state")]
+    sandbox: Option<String>,
+    /// The state directory of `--sandbox`.
+    #[arg(long, value_name = "DIR", hide = true, requires = "sandbox")]
+    sandbox_state: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -161,6 +168,13 @@ impl RunArgs {
 pub fn run(args: RunArgs) -> i32 {
     // Before any VMM thread starts: each reads it as it installs its filter.
     vmm::seccomp::set_enabled(!args.no_seccomp);
+    // First, while no thread has a filter: the scheduler installs its own.
+    if let (Some(name), Some(state)) = (&args.sandbox, &args.sandbox_state) {
+        if let Err(e) = crate::product::start_scheduler(state, name) {
+            eprintln!("vmm: {e}");
+            return 1;
+        }
+    }
     let vm = match args.initial_vm() {
         Ok(vm) => vm,
         Err(e) => {

@@ -25,6 +25,15 @@
 //! top of it (the kernel applies both), so the VMM filter also allows
 //! everything a vCPU does.
 //!
+//! The snapshot scheduler of a sandbox's VMM (`vmm run --sandbox`, the
+//! product's automatic snapshots) is the one kind whose filter does not
+//! kill on an unlisted syscall: it runs product code (store metadata,
+//! reflink or sparse disk copies, the reaper's removals, the guest agent's
+//! socket) whose rarer paths a trace cannot all reach, and a syscall missed
+//! there should fail one scheduled snapshot, not kill the user's sandbox.
+//! The syscall still does not run. What no thread may ever do (exec, fork,
+//! ptrace, reading or writing other processes) kills even there.
+//!
 //! Seccomp is on unless [`set_enabled`]`(false)` (`vmm run --no-seccomp`):
 //! it is a property of the whole VMM process, read by each thread as it
 //! starts, hence one process-wide switch rather than a field threaded through
@@ -54,11 +63,21 @@ pub enum ThreadKind {
     Vcpu,
     /// The control API server thread.
     Api,
+    /// The sandbox's snapshot scheduler (product code: store files, disk
+    /// copies, its own API socket, the guest agent's socket). Started
+    /// before any other thread so it inherits no filter, then installs
+    /// this one; unlisted syscalls fail with `EPERM` (see the module doc).
+    Scheduler,
 }
 
 impl ThreadKind {
     /// Every kind, for tests and listings.
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api];
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vmm,
+        ThreadKind::Vcpu,
+        ThreadKind::Api,
+        ThreadKind::Scheduler,
+    ];
 
     /// The entries of this kind's allow-list, group by group.
     pub fn allow_list(self) -> Vec<&'static Allow> {
@@ -66,6 +85,7 @@ impl ThreadKind {
             ThreadKind::Vmm => tables::VMM_GROUPS,
             ThreadKind::Vcpu => tables::VCPU_GROUPS,
             ThreadKind::Api => tables::API_GROUPS,
+            ThreadKind::Scheduler => tables::SCHEDULER_GROUPS,
         };
         groups.iter().flat_map(|g| g.iter()).collect()
     }
@@ -74,8 +94,26 @@ impl ThreadKind {
     /// on: calls libc makes behind the program's back and copes without.
     pub fn fail_list(self) -> &'static [Allow] {
         match self {
-            ThreadKind::Vmm => &[],
+            ThreadKind::Vmm | ThreadKind::Scheduler => &[],
             ThreadKind::Vcpu | ThreadKind::Api => tables::FAIL_OPEN,
+        }
+    }
+
+    /// Syscalls that kill the process even though this kind's other
+    /// unlisted syscalls only fail (empty for kinds where every unlisted
+    /// syscall kills).
+    pub fn kill_list(self) -> &'static [Allow] {
+        match self {
+            ThreadKind::Scheduler => tables::ALWAYS_KILL,
+            ThreadKind::Vmm | ThreadKind::Vcpu | ThreadKind::Api => &[],
+        }
+    }
+
+    /// What a syscall in none of the lists gets.
+    fn unlisted_action(self) -> SeccompAction {
+        match self {
+            ThreadKind::Scheduler => SeccompAction::Errno(libc::EPERM as u32),
+            ThreadKind::Vmm | ThreadKind::Vcpu | ThreadKind::Api => SeccompAction::KillProcess,
         }
     }
 
@@ -84,6 +122,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Api => "api",
+            ThreadKind::Scheduler => "scheduler",
         }
     }
 }
@@ -135,10 +174,13 @@ const ARCH: TargetArch = TargetArch::aarch64;
 
 /// Compiles `kind`'s filters, in the order they are installed: for a kind
 /// with a [`ThreadKind::fail_list`], first a program answering those
-/// syscalls with `EACCES` (and allowing the rest); then the allow-list, whose
-/// default action kills the process. The kernel runs every installed program
-/// and the strictest answer wins, so a syscall in neither list kills, one in
-/// the fail list fails, one in the allow list runs.
+/// syscalls with `EACCES` (and allowing the rest); for a kind with a
+/// [`ThreadKind::kill_list`], a program killing on those (and allowing the
+/// rest); then the allow-list, whose default action kills the process (or,
+/// for the scheduler, fails the call with `EPERM`). The kernel runs every
+/// installed program and the strictest answer wins, so a syscall in no list
+/// kills (fails), one in the fail list fails, one in the kill list kills,
+/// one in the allow list runs.
 pub fn compile(kind: ThreadKind) -> Result<Vec<BpfProgram>, SeccompError> {
     compile_for(kind, ARCH)
 }
@@ -155,11 +197,21 @@ fn compile_for(kind: ThreadKind, arch: TargetArch) -> Result<Vec<BpfProgram>, Se
             arch,
         )?);
     }
+    let kill = kind.kill_list();
+    if !kill.is_empty() {
+        programs.push(program(
+            kind,
+            kill.iter(),
+            SeccompAction::Allow,
+            SeccompAction::KillProcess,
+            arch,
+        )?);
+    }
     // The allow-list program lets the fail list through to the first one.
     programs.push(program(
         kind,
         kind.allow_list().into_iter().chain(fail),
-        SeccompAction::KillProcess,
+        kind.unlisted_action(),
         SeccompAction::Allow,
         arch,
     )?);

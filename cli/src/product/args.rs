@@ -30,6 +30,10 @@ pub struct UseArgs {
     /// Create it from this snapshot (restoring memory, processes and files).
     #[arg(long, value_name = "SNAPSHOT")]
     pub snapshot: Option<String>,
+    /// Guest image of a new sandbox: STATE/images/IMAGE/{vmlinux,rootfs.ext4};
+    /// `default` is the guest --kernel/--rootfs would default to.
+    #[arg(long, value_name = "IMAGE", conflicts_with_all = ["kernel", "rootfs", "snapshot"])]
+    pub image: Option<String>,
     /// Guest kernel for a new sandbox [env: VMM_KERNEL].
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -139,7 +143,8 @@ pub enum SnapshotCommand {
     Gc(GcArgs),
     /// Take snapshots of a sandbox automatically.
     Schedule(ScheduleArgs),
-    /// The scheduler process of one sandbox (started by `schedule`).
+    /// Former scheduler process (schedules now run in the sandbox's VMM);
+    /// kept hidden so a leftover invocation exits cleanly.
     #[command(name = "__scheduler", hide = true)]
     Scheduler(SchedulerArgs),
 }

@@ -33,14 +33,16 @@ pub fn ensure_sandbox(ctx: &Ctx, a: &UseArgs) -> Result<Sandbox> {
                 a.name
             )));
         }
-        let creation_only = a.kernel.is_some()
+        let creation_only = a.image.is_some()
+            || a.kernel.is_some()
             || a.rootfs.is_some()
             || a.vcpus.is_some()
             || a.mem_mib.is_some()
             || a.cmdline.is_some();
         if creation_only {
             log::warn!(
-                "sandbox {} exists: --kernel, --rootfs, --vcpus, --mem-mib and --cmdline                  apply only when creating one",
+                "sandbox {} exists: --image, --kernel, --rootfs, --vcpus, --mem-mib and \
+                 --cmdline apply only when creating one",
                 a.name
             );
         }
@@ -54,21 +56,21 @@ pub fn ensure_sandbox(ctx: &Ctx, a: &UseArgs) -> Result<Sandbox> {
         return Sandbox::create_from_snapshot(ctx, &a.name, &meta);
     }
     let cfg = &ctx.config;
-    let kernel = config::resolve(
-        "kernel",
-        a.kernel.as_deref(),
-        "VMM_KERNEL",
-        cfg.kernel.as_deref(),
-        ("kernel-", "vmlinux"),
-    )?;
-    let rootfs = config::resolve(
-        "rootfs",
-        a.rootfs.as_deref(),
-        "VMM_ROOTFS",
-        cfg.rootfs.as_deref(),
-        ("rootfs-", "rootfs.ext4"),
-    )?;
+    let (kernel, rootfs) = match &a.image {
+        Some(image) => config::image(&ctx.store, cfg, image)?,
+        None => (
+            config::default_kernel(a.kernel.as_deref(), cfg)?,
+            config::resolve(
+                "rootfs",
+                a.rootfs.as_deref(),
+                "VMM_ROOTFS",
+                cfg.rootfs.as_deref(),
+                ("rootfs-", "rootfs.ext4"),
+            )?,
+        ),
+    };
     let spec = BootSpec {
+        image: a.image.clone(),
         kernel: kernel.path,
         rootfs: rootfs.path,
         vcpus: a.vcpus.or(cfg.vcpus).unwrap_or(1),
@@ -228,6 +230,7 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<i32> {
                 .map(format_utc);
             let extra = json!({
                 "started": sb.meta.started.filter(|_| st != Status::Stopped).map(format_utc),
+                "image": sb.meta.image,
                 "kernel": sb.meta.kernel,
                 "cmdline": sb.meta.cmdline,
                 "diff_base": sb.meta.mem_baseline,
@@ -261,6 +264,7 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<i32> {
                 "state_dir": ctx.store.root(),
                 "default_kernel": guess("kernel", "VMM_KERNEL", cfg.kernel.as_deref(), ("kernel-", "vmlinux")),
                 "default_rootfs": guess("rootfs", "VMM_ROOTFS", cfg.rootfs.as_deref(), ("rootfs-", "rootfs.ext4")),
+                "images": config::image_names(&ctx.store)?,
                 "default_cmdline": cfg.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
                 "sandboxes": sandboxes.len(),
                 "sandboxes_not_stopped": running,
@@ -287,6 +291,14 @@ fn key_values(v: &Value) -> String {
                 Value::Null => "-".to_string(),
                 Value::String(s) => s.clone(),
                 Value::Number(n) if k.ends_with("_bytes") => human_size(n.as_u64().unwrap_or(0)),
+                Value::Array(items) if items.iter().all(Value::is_string) => {
+                    let names: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
+                    if names.is_empty() {
+                        "-".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                }
                 Value::Object(m) if m.contains_key("path") => format!(
                     "{} (from {})",
                     m["path"].as_str().unwrap_or(""),
@@ -325,7 +337,6 @@ pub fn rm(ctx: &Ctx, a: &RmArgs) -> Result<i32> {
         }
         sb.stop(ctx, true)?;
     }
-    super::schedule::kill(ctx, &sb);
     sb.remove_files()?;
     Ok(0)
 }
@@ -414,11 +425,12 @@ mod tests {
 
     #[test]
     fn status_lines() {
-        let v = json!({"name": "dev", "pid": null, "disk_usage_bytes": 2048,
+        let v = json!({"name": "dev", "pid": null, "disk_usage_bytes": 2048, "images": ["a", "b"],
                        "default_kernel": {"path": "/k", "from": "config.json"}});
         let text = key_values(&v);
         assert!(text.contains("name:              dev\n"), "{text}");
         assert!(text.contains("pid:               -\n"), "{text}");
+        assert!(text.contains("images:            a, b\n"), "{text}");
         assert!(text.contains("disk_usage_bytes:  2.0 KiB\n"), "{text}");
         assert!(
             text.contains("default_kernel:    /k (from config.json)\n"),

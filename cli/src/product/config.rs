@@ -7,6 +7,12 @@
 //! newest artifacts built by `resources/build-kernel.sh` and
 //! `resources/build-rootfs.sh` in `$VMM_CACHE` (default `~/.cache/vmm`):
 //! `kernel-*/vmlinux` and `rootfs-*/rootfs.ext4`.
+//!
+//! Images: a named kernel and root filesystem pair kept in the state
+//! directory as `STATE/images/NAME/vmlinux` and `STATE/images/NAME/rootfs.ext4`
+//! (files or symlinks), chosen with `vmm use NAME --image IMAGE`. The image
+//! `default` is the guest resolved as above, unless a directory of that name
+//! exists.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::clock::parse_duration;
 use super::error::{Error, Result};
+use super::names;
 use super::store::{read_json, Store};
 
 /// Kernel command line of sandboxes: quiet, because a serial console is slow.
@@ -105,6 +112,107 @@ pub fn resolve(
         })
 }
 
+/// The image `default` names when no directory of that name exists.
+pub const DEFAULT_IMAGE: &str = "default";
+/// The files of an image directory.
+const IMAGE_KERNEL: &str = "vmlinux";
+const IMAGE_ROOTFS: &str = "rootfs.ext4";
+
+fn images_dir(store: &Store) -> PathBuf {
+    store.root().join("images")
+}
+
+/// The images of the state directory (directories holding both files),
+/// sorted; `default` is not listed unless it is a directory.
+pub fn image_names(store: &Store) -> Result<Vec<String>> {
+    let dir = images_dir(store);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("listing", &dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing", &dir, e))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let path = entry.path();
+        if names::validate("image", &name).is_ok()
+            && path.join(IMAGE_KERNEL).is_file()
+            && path.join(IMAGE_ROOTFS).is_file()
+        {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The kernel and root filesystem of image `name`: its directory under
+/// `STATE/images`, or for `default` (without such a directory) the guest
+/// resolved from the environment, config.json or the artifact cache.
+pub fn image(store: &Store, cfg: &ProductConfig, name: &str) -> Result<(Resolved, Resolved)> {
+    names::validate("image", name)?;
+    let dir = images_dir(store).join(name);
+    if dir.is_dir() {
+        let part = |file: &str| -> Result<Resolved> {
+            let path = dir.join(file);
+            if path.is_file() {
+                Ok(Resolved {
+                    path,
+                    source: "--image",
+                })
+            } else {
+                Err(Error::Invalid(format!(
+                    "image {name} is incomplete: {} does not exist",
+                    path.display()
+                )))
+            }
+        };
+        return Ok((part(IMAGE_KERNEL)?, part(IMAGE_ROOTFS)?));
+    }
+    if name == DEFAULT_IMAGE {
+        return default_guest(cfg);
+    }
+    let mut known = image_names(store)?;
+    if !known.iter().any(|n| n == DEFAULT_IMAGE) {
+        known.push(DEFAULT_IMAGE.to_string());
+    }
+    Err(Error::Invalid(format!(
+        "no image named {name:?}; available: {} (an image is a directory {} holding {IMAGE_KERNEL} \
+         and {IMAGE_ROOTFS})",
+        known.join(", "),
+        images_dir(store).join("NAME").display()
+    )))
+}
+
+/// The default guest: kernel and root filesystem from the environment,
+/// config.json or the artifact cache.
+pub fn default_guest(cfg: &ProductConfig) -> Result<(Resolved, Resolved)> {
+    Ok((
+        default_kernel(None, cfg)?,
+        resolve(
+            "rootfs",
+            None,
+            "VMM_ROOTFS",
+            cfg.rootfs.as_deref(),
+            ("rootfs-", "rootfs.ext4"),
+        )?,
+    ))
+}
+
+/// The kernel: `flag`, else the environment, config.json, the cache.
+pub fn default_kernel(flag: Option<&Path>, cfg: &ProductConfig) -> Result<Resolved> {
+    resolve(
+        "kernel",
+        flag,
+        "VMM_KERNEL",
+        cfg.kernel.as_deref(),
+        ("kernel-", "vmlinux"),
+    )
+}
+
 fn absolute(p: &Path) -> Result<PathBuf> {
     if p.is_absolute() {
         return Ok(p.to_path_buf());
@@ -171,6 +279,52 @@ mod tests {
             e.contains("guest rootfs") && e.contains("(from --rootfs) does not exist"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn images() {
+        let t = TempDir::new("images");
+        let store = Store::open(&t.0).unwrap();
+        let cfg = ProductConfig::default();
+        assert!(image_names(&store).unwrap().is_empty());
+        let small = t.0.join("images/small");
+        std::fs::create_dir_all(&small).unwrap();
+        std::fs::write(small.join("vmlinux"), "k").unwrap();
+        // Incomplete: not listed, and a clear error.
+        assert!(image_names(&store).unwrap().is_empty());
+        let e = image(&store, &cfg, "small").unwrap_err().to_string();
+        assert!(
+            e.contains("image small is incomplete") && e.contains("rootfs.ext4"),
+            "{e}"
+        );
+        std::fs::write(small.join("rootfs.ext4"), "r").unwrap();
+        std::fs::create_dir_all(t.0.join("images/Not_Valid")).unwrap();
+        assert_eq!(image_names(&store).unwrap(), ["small"]);
+        let (k, r) = image(&store, &cfg, "small").unwrap();
+        assert_eq!(
+            (k.path, r.path),
+            (small.join("vmlinux"), small.join("rootfs.ext4"))
+        );
+        let e = image(&store, &cfg, "big").unwrap_err().to_string();
+        assert!(
+            e.starts_with("no image named \"big\"; available: small, default ("),
+            "{e}"
+        );
+        assert!(image(&store, &cfg, "../small").is_err());
+        // `default` is the configured guest.
+        let k = t.0.join("k");
+        let r = t.0.join("r");
+        std::fs::write(&k, "k").unwrap();
+        std::fs::write(&r, "r").unwrap();
+        let cfg = ProductConfig {
+            kernel: Some(k.clone()),
+            rootfs: Some(r.clone()),
+            ..Default::default()
+        };
+        if std::env::var_os("VMM_KERNEL").is_none() && std::env::var_os("VMM_ROOTFS").is_none() {
+            let (dk, dr) = image(&store, &cfg, DEFAULT_IMAGE).unwrap();
+            assert_eq!((dk.path, dr.path), (k, r));
+        }
     }
 
     #[test]

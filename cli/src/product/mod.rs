@@ -47,14 +47,30 @@ impl Ctx {
             .or_else(|| std::env::var_os("VMM_STATE_DIR").map(Into::into))
             .filter(|p: &std::path::PathBuf| !p.as_os_str().is_empty())
             .unwrap_or_else(store::default_root);
-        let store = Store::open(&root)?;
+        let mut ctx = Self::at(&root)?;
+        ctx.progress = progress;
+        Ok(ctx)
+    }
+
+    /// The state directory at `root`, without progress output (for work
+    /// done in the background, such as a VMM's scheduled snapshots).
+    fn at(root: &std::path::Path) -> Result<Self> {
+        let store = Store::open(root)?;
         let config = ProductConfig::load(&store)?;
         Ok(Ctx {
             store,
             config,
-            progress,
+            progress: Progress::quiet(),
         })
     }
+}
+
+/// Starts the snapshot scheduler of sandbox `name` (state directory
+/// `state_dir`) in this VMM process; called by `vmm run --sandbox` before
+/// any other thread starts (see [`schedule::spawn_in_vmm`]).
+pub fn start_scheduler(state_dir: &std::path::Path, name: &str) -> std::result::Result<(), String> {
+    names::validate("sandbox", name).map_err(|e| e.to_string())?;
+    schedule::spawn_in_vmm(state_dir, name).map_err(|e| e.to_string())
 }
 
 /// A product command.

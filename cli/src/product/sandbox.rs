@@ -16,6 +16,7 @@ use super::disk;
 use super::error::{Error, Result};
 use super::guest;
 use super::process::{self, arg};
+use super::schedule::{SANDBOX_FLAG, STATE_FLAG};
 use super::snapshot::{SnapKind, SnapshotMeta};
 use super::store::{read_json, write_json_atomic, META_FILE};
 use super::Ctx;
@@ -33,15 +34,15 @@ pub enum Origin {
     Snapshot { snapshot: String },
 }
 
-/// A snapshot schedule of a sandbox, run by its scheduler process.
+/// A snapshot schedule of a sandbox, run by its VMM process (see
+/// schedule.rs). Metadata of older versions also has the `pid` of a
+/// separate scheduler process: unknown fields are ignored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduleMeta {
     pub spec: String,
     pub kind: SnapKind,
     #[serde(default)]
     pub expires_in_secs: Option<u64>,
-    #[serde(default)]
-    pub pid: Option<u32>,
 }
 
 /// `sandboxes/NAME/meta.json`.
@@ -54,6 +55,9 @@ pub struct SandboxMeta {
     pub vcpus: u8,
     pub mem_mib: u64,
     pub origin: Origin,
+    /// The named image a booted sandbox was created from (`use --image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// The VMM process while one was started (check with `status`).
     #[serde(default)]
     pub pid: Option<u32>,
@@ -100,7 +104,6 @@ pub struct Paths {
     pub serial: PathBuf,
     pub vmm_log: PathBuf,
     pub history: PathBuf,
-    pub scheduler_log: PathBuf,
     /// A restored-from-diff sandbox's merged state and memory.
     pub vmstate: PathBuf,
     pub memory: PathBuf,
@@ -116,7 +119,6 @@ impl Paths {
             serial: dir.join("serial.log"),
             vmm_log: dir.join("vmm.log"),
             history: dir.join("history.log"),
-            scheduler_log: dir.join("scheduler.log"),
             vmstate: dir.join("vmstate"),
             memory: dir.join("memory"),
             dir,
@@ -134,6 +136,8 @@ pub struct Sandbox {
 /// What a new sandbox boots.
 #[derive(Debug, Clone)]
 pub struct BootSpec {
+    /// The image name when the guest came from `--image`.
+    pub image: Option<String>,
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
     pub vcpus: u8,
@@ -211,6 +215,7 @@ impl Sandbox {
                     origin: Origin::Boot {
                         rootfs: spec.rootfs.clone(),
                     },
+                    image: spec.image.clone(),
                     pid: None,
                     started: None,
                     mem_baseline: None,
@@ -250,6 +255,7 @@ impl Sandbox {
                     origin: Origin::Snapshot {
                         snapshot: snap.name.clone(),
                     },
+                    image: None,
                     pid: None,
                     started: None,
                     mem_baseline: None,
@@ -271,11 +277,18 @@ impl Sandbox {
         result
     }
 
-    /// Starts a VMM process with `args`, records its pid.
-    fn spawn(&mut self, args: Vec<OsString>) -> Result<()> {
+    /// Starts a VMM process with `args` (`run ...`), records its pid. The
+    /// VMM also runs the sandbox's snapshot schedule (schedule.rs).
+    fn spawn(&mut self, ctx: &Ctx, mut args: Vec<OsString>) -> Result<()> {
         for sock in [&self.paths.api_sock, &self.paths.vsock] {
             let _ = std::fs::remove_file(sock);
         }
+        args.extend([
+            SANDBOX_FLAG.into(),
+            self.meta.name.clone().into(),
+            STATE_FLAG.into(),
+            ctx.store.root().as_os_str().to_owned(),
+        ]);
         let pid = process::spawn_detached(&args, &self.paths.dir, &self.paths.vmm_log)?;
         self.meta.pid = Some(pid);
         self.meta.started = Some(clock::now());
@@ -307,7 +320,7 @@ impl Sandbox {
         ctx.progress
             .step(&format!("booting sandbox {}", self.meta.name));
         self.meta.mem_baseline = None;
-        self.spawn(args)?;
+        self.spawn(ctx, args)?;
         self.wait_api()?;
         self.wait_agent(ctx.config.boot_timeout())?;
         Ok(())
@@ -326,7 +339,7 @@ impl Sandbox {
         ctx.progress
             .step(&format!("restoring snapshot {}", snap.name));
         let t0 = Instant::now();
-        self.spawn(args)?;
+        self.spawn(ctx, args)?;
         self.wait_api()?;
         let loaded = self
             .api()
@@ -436,8 +449,7 @@ impl Sandbox {
                         self.meta.name, self.meta.name
                     );
                 }
-                self.boot(ctx)?;
-                super::schedule::respawn(ctx, self)
+                self.boot(ctx)
             }
             Status::Unresponsive => Err(Error::Failed(format!(
                 "sandbox {} does not answer on its API socket; `vmm stop -f {}` ends it",
@@ -448,8 +460,8 @@ impl Sandbox {
 
     /// Ends the VMM: gracefully (guest filesystems synced, then the VMM
     /// stops), or at once with `force`.
+    /// The VMM's scheduler thread ends with it.
     pub fn stop(&mut self, ctx: &Ctx, force: bool) -> Result<()> {
-        super::schedule::kill(ctx, self);
         if !self.vmm_alive() {
             return Ok(());
         }
@@ -580,7 +592,15 @@ mod tests {
                 snapshot: "s".into()
             }
         );
-        assert!(m.pid.is_none() && m.schedule.is_none());
+        assert!(m.pid.is_none() && m.schedule.is_none() && m.image.is_none());
+        // Fields of older versions (a scheduler process's pid) are ignored.
+        let old: SandboxMeta = serde_json::from_str(
+            r#"{"name":"a","created":1,"kernel":"/k","cmdline":"c","vcpus":1,"mem_mib":128,
+                "origin":{"kind":"boot","rootfs":"/r"},"pid":7,
+                "schedule":{"spec":"@hourly","kind":"full","pid":8}}"#,
+        )
+        .unwrap();
+        assert_eq!(old.schedule.map(|s| s.spec).as_deref(), Some("@hourly"));
         let text = serde_json::to_string(&m).unwrap();
         assert!(
             text.contains(r#""origin":{"kind":"snapshot","snapshot":"s"}"#),

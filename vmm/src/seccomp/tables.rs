@@ -436,3 +436,86 @@ const SPAWNED: &[Allow] = &[
 /// The VMM thread's list also holds the vCPU list: vCPU threads of a VM
 /// restored through the API start under the VMM filter and add theirs.
 pub(super) const VMM_GROUPS: &[&[Allow]] = &[RUNTIME, VMM, SPAWNED, VCPU];
+
+// ---------------------------------------------------------------------------
+// The snapshot scheduler of a sandbox's VMM (product code, see the parent
+// module: unlisted syscalls fail with EPERM rather than kill)
+// ---------------------------------------------------------------------------
+
+/// `_IOW(0x94, 9, int)`: the reflink of a disk copy.
+pub(super) const FICLONE: u64 = iow(0x94, 9, size_of::<libc::c_int>());
+
+const SCHEDULER: &[Allow] = &[
+    // Sandbox and snapshot metadata (atomic JSON writes), the store's flock
+    // locks, listing and removing snapshot directories (the reaper), the
+    // local time zone (/etc/localtime), /proc/PID for process checks.
+    allow!(SYS_openat),
+    allow!(SYS_read),
+    allow!(SYS_lseek),
+    allow!(SYS_fsync),
+    allow!(SYS_fdatasync),
+    allow!(SYS_statx),
+    allow!(SYS_newfstatat),
+    allow!(SYS_fstat),
+    allow!(SYS_rename),
+    allow!(SYS_renameat),
+    allow!(SYS_renameat2),
+    allow!(SYS_unlink),
+    allow!(SYS_unlinkat),
+    allow!(SYS_mkdir),
+    allow!(SYS_mkdirat),
+    allow!(SYS_rmdir),
+    allow!(SYS_getdents64),
+    allow!(SYS_flock),
+    // fdopendir (listing, removing directories) checks the open flags and
+    // sets close-on-exec.
+    allow!(SYS_fcntl, arg 1 in &[libc::F_GETFL as u64, libc::F_SETFD as u64]),
+    // Disk copies: a reflink, else a sparse copy (SEEK_DATA/SEEK_HOLE,
+    // positioned reads and writes, the file sized first).
+    allow!(SYS_ioctl, arg 1 in &[FICLONE]),
+    allow!(SYS_pread64),
+    allow!(SYS_pwrite64),
+    allow!(SYS_ftruncate),
+    allow!(SYS_fallocate),
+    // Its own VMM's API socket and the guest agent's vsock socket (Unix
+    // sockets with send and receive timeouts).
+    allow!(SYS_socket, arg 0 in &[libc::AF_UNIX as u64]),
+    allow!(SYS_connect),
+    allow!(
+        SYS_setsockopt,
+        args = &[(1, libc::SOL_SOCKET as u64), (2, libc::SO_RCVTIMEO as u64)]
+    ),
+    allow!(
+        SYS_setsockopt,
+        args = &[(1, libc::SOL_SOCKET as u64), (2, libc::SO_SNDTIMEO as u64)]
+    ),
+    allow!(SYS_recvfrom),
+    allow!(SYS_sendto),
+    allow!(SYS_shutdown),
+    allow!(SYS_poll),
+    // Waiting for the next tick; its pid in snapshot metadata.
+    allow!(SYS_clock_nanosleep),
+    allow!(SYS_nanosleep),
+    allow!(SYS_getpid),
+    allow!(SYS_gettid),
+];
+
+pub(super) const SCHEDULER_GROUPS: &[&[Allow]] = &[RUNTIME, SCHEDULER];
+
+/// What kills the process even from the scheduler thread: no thread of the
+/// VMM runs programs, starts processes or reaches into other processes.
+pub(super) const ALWAYS_KILL: &[Allow] = &[
+    allow!(SYS_execve),
+    allow!(SYS_execveat),
+    allow!(SYS_fork),
+    allow!(SYS_vfork),
+    allow!(SYS_ptrace),
+    allow!(SYS_process_vm_readv),
+    allow!(SYS_process_vm_writev),
+    allow!(SYS_kexec_load),
+    allow!(SYS_init_module),
+    allow!(SYS_finit_module),
+    allow!(SYS_mount),
+    allow!(SYS_setuid),
+    allow!(SYS_bpf),
+];
