@@ -7,7 +7,8 @@
 //! sandboxes that diverge; files installed in a sandbox, snapshotted and seen
 //! by a new sandbox; diff and disk snapshots; listings in table and JSON;
 //! deletion with and without -f; not-found exit codes; stop and start again;
-//! logs; expiry; a scheduled snapshot.
+//! logs; expiry; a scheduled snapshot, taken by the sandbox's own VMM; a
+//! sandbox booted from a named image.
 //!
 //! Without a VM (any machine): the state directory, usage errors and exit
 //! codes, disk snapshots of a stopped sandbox, dependency-aware removal and
@@ -43,6 +44,15 @@ t0=$(now); run WARM vmm use dev -- true; echo "T_WARM=$(el $t0)"
 run EXIT42 vmm use dev -- sh -c 'echo out; echo err >&2; exit 42'
 run ENV vmm use dev --env FOO=bar --workdir /tmp -- sh -c 'echo "$FOO $(pwd)"'
 echo piped | vmm use dev -i -- cat >/tmp/out 2>/tmp/err; echo "STDIN_OUT=$(oneline </tmp/out)"
+
+# 1b. A sandbox from a named image (STATE/images/NAME).
+mkdir -p /state/images/small
+ln -s /guest/vmlinux /state/images/small/vmlinux
+ln -s /guest/rootfs.ext4 /state/images/small/rootfs.ext4
+run IMAGE vmm use img --image small --mem-mib 128 -- echo from-image
+echo "IMAGE_STATUS=$(vmm status img -o json | grep '"image"' | tr -d ' ,')"
+run IMAGE_MISSING vmm use img2 --image nope -- true
+vmm rm -f img
 
 # 2. Checkpoint before a risky change, then restore it.
 vmm use dev -- sh -c 'echo precious > /root/data.txt; sync'
@@ -146,13 +156,15 @@ sleep 13
 run SCHED_OFF vmm snapshot schedule right --off
 echo "SCHED_COUNT=$(vmm snapshot ls | grep -c '^right-20')"
 echo "SCHED_READY=$(vmm snapshot ls | grep '^right-20' | grep -c ready)"
-echo "SCHED_LOG=$(oneline </state/sandboxes/right/scheduler.log)"
+echo "SCHED_LOG=$(grep scheduler /state/sandboxes/right/vmm.log | oneline)"
+# Taken by the sandbox's VMM process itself (no separate scheduler process).
+echo "RIGHT_PID=$(vmm status right -o json | grep '"pid"' | tr -dc 0-9)"
+echo "SCHED_CREATORS=$(cat /state/snapshots/right-20*/meta.json | grep '"creator_pid"' | tr -dc '0-9\n' | sort -u | tr '\n' ' ')"
 echo "RIGHT_AFTER_SCHED=$(vmm status right -o json | grep '"status"' | tr -d ' ,')"
 
 for s in dev left right; do vmm rm -f $s; done
 echo "LS_END=$(vmm ls | oneline)"
 echo "VMM_PROCS_LEFT=$(ps | grep -c '[v]mm run')"
-echo "SCHEDULERS_LEFT=$(ps | grep -c '[_]_scheduler')"
 "##;
 
 fn marker(run: &NestedRun, key: &str) -> String {
@@ -196,6 +208,17 @@ fn nested_sandbox_and_snapshot_scenarios() {
     assert_eq!(err_of(&run, "EXIT42"), "err|");
     expect(&run, "ENV", 0, Some("bar /tmp|"));
     run.assert_marker("STDIN_OUT", "piped|");
+
+    // 1b. Images.
+    expect(&run, "IMAGE", 0, Some("from-image|"));
+    run.assert_marker("IMAGE_STATUS", "\"image\":\"small\"");
+    expect(&run, "IMAGE_MISSING", 1, None);
+    assert!(
+        err_of(&run, "IMAGE_MISSING")
+            .contains("no image named \"nope\"; available: small, default"),
+        "{}",
+        err_of(&run, "IMAGE_MISSING")
+    );
 
     // 2. Checkpoint and restore; the source is paused after a snapshot.
     expect(&run, "SAVE", 0, Some("before-risky|"));
@@ -373,10 +396,17 @@ fn nested_sandbox_and_snapshot_scenarios() {
         ))
     );
     run.assert_marker("RIGHT_AFTER_SCHED", "\"status\":\"running\"");
+    let right_pid = marker(&run, "RIGHT_PID");
+    assert!(!right_pid.is_empty(), "{}", run.failure("no pid of right"));
+    assert_eq!(
+        marker(&run, "SCHED_CREATORS").trim(),
+        right_pid,
+        "{}",
+        run.failure("scheduled snapshots must be taken by the sandbox's VMM")
+    );
 
     run.assert_marker("LS_END", "NAME  STATUS  CPU  MEMORY  CREATED|");
     run.assert_marker("VMM_PROCS_LEFT", "0");
-    run.assert_marker("SCHEDULERS_LEFT", "0");
 
     for key in [
         "T_CREATE",
@@ -482,6 +512,14 @@ fn commands_without_a_vm() {
             "invalid value 'tiny'",
         ),
         (&["snapshot", "rm"], "required"),
+        (
+            &["use", "x", "--image", "nope", "--", "true"],
+            "no image named \"nope\"; available: default",
+        ),
+        (
+            &["use", "x", "--image", "a", "--kernel", "/k", "--", "true"],
+            "cannot be used with",
+        ),
     ] {
         let (code, _, err) = vmm(s, args);
         assert_eq!(code, 1, "{args:?}: {err}");

@@ -143,10 +143,6 @@ pub enum SnapshotCommand {
     Gc(GcArgs),
     /// Take snapshots of a sandbox automatically.
     Schedule(ScheduleArgs),
-    /// Former scheduler process (schedules now run in the sandbox's VMM);
-    /// kept hidden so a leftover invocation exits cleanly.
-    #[command(name = "__scheduler", hide = true)]
-    Scheduler(SchedulerArgs),
 }
 
 #[derive(Args, Debug)]
@@ -217,9 +213,4 @@ pub struct ScheduleArgs {
     /// Expiry of each scheduled snapshot.
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub expires_in: Option<Duration>,
-}
-
-#[derive(Args, Debug)]
-pub struct SchedulerArgs {
-    pub sandbox: String,
 }

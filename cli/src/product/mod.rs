@@ -100,13 +100,6 @@ impl Command {
 
 /// Runs a product command; returns the exit code.
 pub fn run(cmd: Command) -> i32 {
-    let daemon = matches!(
-        &cmd,
-        Command::Snapshot(SnapshotArgs {
-            command: args::SnapshotCommand::Scheduler(_),
-            ..
-        })
-    );
     // `snapshot gc` reaps itself and reports what it removed.
     let gc = matches!(
         &cmd,
@@ -115,19 +108,14 @@ pub fn run(cmd: Command) -> i32 {
             ..
         })
     );
-    let progress = if daemon {
-        Progress::quiet()
-    } else {
-        Progress::new()
-    };
-    let ctx = match Ctx::open(cmd.common(), progress) {
+    let ctx = match Ctx::open(cmd.common(), Progress::new()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: {e}");
             return e.exit_code();
         }
     };
-    if !daemon && !gc {
+    if !gc {
         // The reaper runs on every command; its trouble must not stop it.
         match snapshot::reap(&ctx) {
             Ok(gone) => {

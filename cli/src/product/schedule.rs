@@ -320,13 +320,6 @@ fn run(ctx: &Ctx, name: &str) {
     }
 }
 
-/// The legacy `vmm snapshot __scheduler` process: schedules now run inside
-/// the sandbox's VMM, so a leftover invocation has nothing to do.
-pub fn daemon(_ctx: &Ctx, name: &str) -> Result<()> {
-    log::info!("sandbox {name}: schedules run in the sandbox's VMM; nothing to do");
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::sandbox::{Origin, SandboxMeta};

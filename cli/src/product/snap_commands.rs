@@ -58,10 +58,6 @@ pub fn run(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
             }
             Ok(0)
         }
-        SnapshotCommand::Scheduler(a) => {
-            schedule::daemon(ctx, &a.sandbox)?;
-            Ok(0)
-        }
     }
 }
 
