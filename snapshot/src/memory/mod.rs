@@ -12,6 +12,7 @@ pub(crate) mod host;
 mod layout;
 mod live;
 mod live_track;
+mod pagemap_scan;
 #[cfg(test)]
 pub(crate) mod test_util;
 
