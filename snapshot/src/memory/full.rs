@@ -200,11 +200,6 @@ pub(crate) struct Pagemap {
 }
 
 impl Pagemap {
-    /// The open pagemap file (for its ioctls).
-    pub(crate) fn file(&self) -> &File {
-        &self.file
-    }
-
     pub(crate) fn open() -> Option<Self> {
         File::open("/proc/self/pagemap")
             .ok()

@@ -29,15 +29,16 @@ use serde::{Deserialize, Serialize};
 use userfaultfd::{Event, FaultKind, Uffd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use super::full::Pagemap;
+use super::full::{Pagemap, PM_PRESENT, PM_SWAPPED};
 use super::host::HostRegion;
 use super::live_track::{TrackedRange, Tracker};
-use super::pagemap_scan::present_bits;
 use super::{MemoryError, MemoryLayout, MemoryWriteStats, PAGE_SIZE};
 use crate::atomic::PendingFile;
 
 /// Pages copied between two looks at pending write faults.
 const CHUNK_PAGES: u64 = 256;
+/// Pagemap entries read at once (512 KiB).
+const PAGEMAP_READ_PAGES: u64 = 1 << 16;
 const PAGE: usize = PAGE_SIZE as usize;
 
 /// Why a live copy could not start or finish.
@@ -99,7 +100,21 @@ pub(super) fn set_bit(bits: &mut [u64], page: u64) {
 
 /// One bit per page of `host`: present in RAM or swapped out.
 fn present_pages(pagemap: &Pagemap, host: &HostRegion<'_>) -> Result<Vec<u64>, MemoryError> {
-    present_bits(pagemap, host.addr() as u64, host.len() as u64 / PAGE_SIZE)
+    let pages = host.len() as u64 / PAGE_SIZE;
+    let mut present = vec![0u64; pages.div_ceil(64) as usize];
+    let mut entries = Vec::new();
+    let mut page = 0;
+    while page < pages {
+        let n = (pages - page).min(PAGEMAP_READ_PAGES);
+        pagemap.read(host.addr() as u64 + page * PAGE_SIZE, n, &mut entries)?;
+        for (i, e) in entries.iter().enumerate() {
+            if e & (PM_PRESENT | PM_SWAPPED) != 0 {
+                set_bit(&mut present, page + i as u64);
+            }
+        }
+        page += n;
+    }
+    Ok(present)
 }
 
 /// Runs of set bits among the first `pages` of `bits`, as `(first, len)`.

@@ -12,7 +12,6 @@ pub(crate) mod host;
 mod layout;
 mod live;
 mod live_track;
-mod pagemap_scan;
 #[cfg(test)]
 pub(crate) mod test_util;
 
