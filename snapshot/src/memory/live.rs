@@ -658,6 +658,20 @@ mod tests {
     }
 
     #[test]
+    fn dropping_a_preparation_never_blocks_the_guest() {
+        let mem = anon_memory(&[(0, 1 << 20)]);
+        fill_page(&mem, 0, 1);
+        let path = tmp("dropped");
+        drop(prepare_live(&mem, &path).unwrap());
+        // Whether the tracker is still draining or the closed userfaultfd
+        // has lifted the protection, writes go through.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        write_pages(&mem, 0..256, 2);
+        assert!(!path.exists());
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
     fn bit_runs_finds_runs() {
         let mut bits = vec![0u64; 3];
         for p in [0, 1, 2, 63, 64, 130] {

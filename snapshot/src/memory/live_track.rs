@@ -26,10 +26,12 @@ pub(super) struct TrackedRange {
     pub(super) len: usize,
 }
 
-/// The running tracker thread.
+/// The running tracker thread. Dropped without [`Tracker::finish`] (the
+/// preparation was abandoned by a panic), it tells the thread to end and
+/// lets it go; closing the userfaultfd then lifts any protection left.
 pub(super) struct Tracker {
     stop: EventFd,
-    thread: JoinHandle<Result<Vec<Vec<u64>>, LiveError>>,
+    thread: Option<JoinHandle<Result<Vec<Vec<u64>>, LiveError>>>,
 }
 
 impl Tracker {
@@ -48,17 +50,31 @@ impl Tracker {
             .name("live-track".into())
             .spawn(move || track(&uffd, &ranges, &thread_stop))
             .map_err(|e| thread_err("start a thread", e))?;
-        Ok(Self { stop, thread })
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops the tracker once nothing writes guest memory any more (vCPUs
     /// paused, devices quiet): it answers the faults still queued, then
     /// returns one bitmap per range of the pages written since it started.
-    pub(super) fn finish(self) -> Result<Vec<Vec<u64>>, LiveError> {
+    pub(super) fn finish(mut self) -> Result<Vec<Vec<u64>>, LiveError> {
         self.stop
             .write(1)
             .map_err(|e| LiveError::Uffd(format!("cannot stop the write tracker: {e}")))?;
-        self.thread.join().map_err(|_| LiveError::Panicked)?
+        let thread = self.thread.take().ok_or(LiveError::Panicked)?;
+        thread.join().map_err(|_| LiveError::Panicked)?
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            // Best effort: if the eventfd cannot be written the thread keeps
+            // serving faults, which still never blocks the guest for long.
+            let _ = self.stop.write(1);
+        }
     }
 }
 
