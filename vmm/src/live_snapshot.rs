@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use devices::GuestMemoryMmap;
 use serde::Serialize;
 use snapshot::atomic::PendingFile;
-use snapshot::{LiveJob, LivePrepared, LiveStats, MemoryLayout};
+use snapshot::{LiveCopy, LiveJob, LivePrepared, LiveStats, MemoryLayout};
 
 use crate::microvm::{Microvm, VmState};
 use crate::snapshot::{MemoryFile, MicrovmState, SnapshotError};
@@ -68,9 +68,15 @@ impl Microvm {
         let result = self.save_and_freeze(prepared, state_path);
         // The guest runs again whether or not the snapshot could start.
         let resumed = self.resume();
-        let (job, state_file) = result?;
-        resumed?;
         let pause = paused_at.elapsed();
+        let (copy, state_file) = result?;
+        // The copy thread starts once the vCPUs are on their way (starting
+        // it first delays their wake-up by milliseconds on a busy host); a
+        // guest write to a protected page meanwhile waits for it. If it
+        // cannot start, the dropped copy closes its userfaultfd, which lifts
+        // the protection.
+        let job = copy.spawn()?;
+        resumed?;
         self.live = Some(LiveSnapshot {
             job,
             state_file,
@@ -86,7 +92,7 @@ impl Microvm {
         &mut self,
         prepared: LivePrepared<GuestMemoryMmap>,
         state_path: &Path,
-    ) -> Result<(LiveJob, PendingFile), SnapshotError> {
+    ) -> Result<(LiveCopy<GuestMemoryMmap>, PendingFile), SnapshotError> {
         let state_file = match self.save_live_state(state_path) {
             Ok(file) => file,
             Err(e) => {
@@ -94,9 +100,7 @@ impl Microvm {
                 return Err(e);
             }
         };
-        let copy = prepared.freeze()?;
-        // Once protected, the copy must run even if nothing else does.
-        Ok((copy.spawn()?, state_file))
+        Ok((prepared.freeze()?, state_file))
     }
 
     /// While paused: saves devices, vCPUs and the VM into a pending state
