@@ -1,15 +1,19 @@
-//! Live snapshots of a running VM: the guest-visible pause covers saving
-//! vCPU, VM and device state and write-protecting guest memory; memory is
-//! then copied while the guest runs (see `snapshot::begin_live`). The state
-//! and memory files appear, atomically, when the copy is complete.
+//! Live snapshots of a running VM. Before the pause, guest memory is
+//! write-protected while the guest runs (`snapshot::prepare_live`); the
+//! guest-visible pause covers saving vCPU, VM and device state and fixing
+//! the moment of the copy (`LivePrepared::freeze`: the pages written since
+//! the protection are protected again); memory is then copied while the
+//! guest runs. The state and memory files appear, atomically, when the copy
+//! is complete.
 
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use devices::GuestMemoryMmap;
 use serde::Serialize;
 use snapshot::atomic::PendingFile;
-use snapshot::{LiveJob, LiveStats, MemoryLayout};
+use snapshot::{LiveCopy, LiveJob, LivePrepared, LiveStats, MemoryLayout};
 
 use crate::microvm::{Microvm, VmState};
 use crate::snapshot::{MemoryFile, MicrovmState, SnapshotError};
@@ -27,7 +31,8 @@ pub struct LiveSnapshot {
 pub struct LiveSnapshotStats {
     /// How long the guest was paused.
     pub pause: Duration,
-    /// From the pause to both files in place.
+    /// From the start (write-protecting memory, before the pause) to both
+    /// files in place.
     pub total: Duration,
     pub copy: LiveStats,
 }
@@ -52,13 +57,26 @@ impl Microvm {
             )));
         }
         let started = Instant::now();
-        self.pause()?;
-        let result = self.protect_and_save(state_path, mem_path);
+        // Protecting all of memory is the slow part; the guest keeps running
+        // meanwhile, and the pause only protects again what it wrote since.
+        let prepared = snapshot::prepare_live(&self.mem, mem_path)?;
+        let paused_at = Instant::now();
+        if let Err(e) = self.pause() {
+            prepared.cancel();
+            return Err(e.into());
+        }
+        let result = self.save_and_freeze(prepared, state_path);
         // The guest runs again whether or not the snapshot could start.
         let resumed = self.resume();
-        let (job, state_file) = result?;
+        let pause = paused_at.elapsed();
+        let (copy, state_file) = result?;
+        // The copy thread starts once the vCPUs are on their way (starting
+        // it first delays their wake-up by milliseconds on a busy host); a
+        // guest write to a protected page meanwhile waits for it. If it
+        // cannot start, the dropped copy closes its userfaultfd, which lifts
+        // the protection.
+        let job = copy.spawn()?;
         resumed?;
-        let pause = started.elapsed();
         self.live = Some(LiveSnapshot {
             job,
             state_file,
@@ -68,13 +86,26 @@ impl Microvm {
         Ok(pause)
     }
 
-    /// While paused: saves the state into a pending file and write-protects
-    /// memory for the copy.
-    fn protect_and_save(
+    /// While paused: saves the state into a pending file and fixes the
+    /// moment of the memory copy. On error the protection is lifted.
+    fn save_and_freeze(
         &mut self,
+        prepared: LivePrepared<GuestMemoryMmap>,
         state_path: &Path,
-        mem_path: &Path,
-    ) -> Result<(LiveJob, PendingFile), SnapshotError> {
+    ) -> Result<(LiveCopy<GuestMemoryMmap>, PendingFile), SnapshotError> {
+        let state_file = match self.save_live_state(state_path) {
+            Ok(file) => file,
+            Err(e) => {
+                prepared.cancel();
+                return Err(e);
+            }
+        };
+        Ok((prepared.freeze()?, state_file))
+    }
+
+    /// While paused: saves devices, vCPUs and the VM into a pending state
+    /// file, and restarts dirty tracking.
+    fn save_live_state(&mut self, state_path: &Path) -> Result<PendingFile, SnapshotError> {
         let (devices, vcpus, vm) = self.capture_state()?;
         let layout = MemoryLayout::from_memory(&self.mem);
         // The next diff is relative to this moment.
@@ -103,9 +134,7 @@ impl Microvm {
         let mut state_file = PendingFile::create(state_path)
             .map_err(|e| SnapshotError::StateFile(snapshot::StateFileError::Atomic(e)))?;
         state_file.file().write_all(&bytes).map_err(state_err)?;
-        let copy = snapshot::begin_live(&self.mem, mem_path)?;
-        // Once protected, the copy must run even if nothing else does.
-        Ok((copy.spawn()?, state_file))
+        Ok(state_file)
     }
 
     /// The result of a finished live snapshot, once; None while it runs (or

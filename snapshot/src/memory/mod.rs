@@ -11,6 +11,7 @@ mod full;
 pub(crate) mod host;
 mod layout;
 mod live;
+mod live_track;
 #[cfg(test)]
 pub(crate) mod test_util;
 
@@ -26,7 +27,7 @@ pub use diff::{merge_diff, write_diff};
 pub use dirty::{DirtyBitmap, DirtyBitmapError, DirtyRuns};
 pub use full::{read_into, write_full, write_full_with, ScanMode};
 pub use layout::{MemoryLayout, RegionLayout};
-pub use live::{begin_live, LiveCopy, LiveError, LiveJob, LiveStats};
+pub use live::{begin_live, prepare_live, LiveCopy, LiveError, LiveJob, LivePrepared, LiveStats};
 
 /// Granularity of holes, dirty tracking and the pagemap: the x86_64 base page.
 pub const PAGE_SIZE: u64 = 4096;
