@@ -300,8 +300,19 @@ fn diff_run(slot: &mut Slot, s: &Settings, run: usize, m: &mut Metrics) -> Resul
         m.push("dense_full_bytes_written", "bytes", d.full_bytes as f64);
         m.push("dense_diff_bytes_written", "bytes", d.diff_bytes as f64);
         m.push("dense_touched_pages", "pages", d.touched_pages as f64);
+        m.push_ms("dense_contig_diff_snapshot", d.contiguous_diff);
+        m.push(
+            "dense_contig_diff_bytes_written",
+            "bytes",
+            d.contiguous_diff_bytes as f64,
+        );
         if d.full > Duration::ZERO {
             m.push("dense_diff_over_full", "ratio", ms(d.diff) / ms(d.full));
+            m.push(
+                "dense_contig_diff_over_full",
+                "ratio",
+                ms(d.contiguous_diff) / ms(d.full),
+            );
         }
     }
     Ok(())

@@ -97,6 +97,11 @@ pub struct DenseDiff {
     pub diff: Duration,
     pub diff_bytes: u64,
     pub touched_pages: u64,
+    /// A second diff after rewriting the same number of pages as one
+    /// contiguous run (a workload filling a buffer), for contrast with the
+    /// scattered pages above.
+    pub contiguous_diff: Duration,
+    pub contiguous_diff_bytes: u64,
 }
 
 /// A booted guest on one VM monitor.

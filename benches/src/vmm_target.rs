@@ -187,10 +187,20 @@ fn restore_running(files: &SnapshotFiles, serial: &Path) -> Result<(Microvm, Res
 
 /// Fills every page of guest memory with pseudo-random data (or only
 /// `fraction` of the pages, chosen at random).
+/// Which guest pages [`scribble`] rewrites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pattern {
+    /// Pages drawn at random (the worst case for a diff: scattered 4 KiB runs).
+    Scattered,
+    /// The same number of pages as one run at a random start.
+    Contiguous,
+}
+
 fn scribble(
     mem: &vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>,
     fraction: f64,
     seed: u64,
+    pattern: Pattern,
 ) -> Result<u64> {
     let regions: Vec<(u64, u64)> = mem
         .iter()
@@ -199,10 +209,14 @@ fn scribble(
     let total: u64 = regions.iter().map(|r| r.1).sum();
     let mut rng = Rng::new(seed);
     let mut buf = vec![0u8; PAGE as usize];
-    let pages: Vec<u64> = if fraction >= 1.0 {
+    let count = ((total as f64) * fraction.min(1.0)).round() as u64;
+    let pages: Vec<u64> = if count >= total {
         (0..total).collect()
+    } else if pattern == Pattern::Contiguous {
+        let start = Rng::new(seed ^ 0x5eed).next_u64() % (total - count + 1);
+        (start..start + count).collect()
     } else {
-        Rng::new(seed ^ 0x5eed).sample_distinct(total, ((total as f64) * fraction).round() as u64)
+        Rng::new(seed ^ 0x5eed).sample_distinct(total, count)
     };
     for index in &pages {
         let addr = page_address(&regions, *index)
@@ -410,7 +424,7 @@ impl Target for VmmTarget {
         let mut vm = VmGuard(build_from_snapshot(&params).map_err(BenchError::vmm("restoring"))?);
         vm.0.start_paused()
             .map_err(|e| BenchError::Vmm(format!("starting the copy paused: {e}")))?;
-        scribble(vm.0.memory(), 1.0, seed)?;
+        scribble(vm.0.memory(), 1.0, seed, Pattern::Scattered)?;
         let full_files = SnapshotFiles::in_dir(work, "dense-full");
         let diff_files = SnapshotFiles::in_dir(work, "dense-diff");
         let t = Instant::now();
@@ -418,12 +432,29 @@ impl Target for VmmTarget {
             vm.0.snapshot(SnapshotType::Full, &full_files.state, &full_files.mem)
                 .map_err(BenchError::vmm("dense full snapshot"))?;
         let full_time = t.elapsed();
-        let touched = scribble(vm.0.memory(), fraction, seed.wrapping_add(1))?;
+        let touched = scribble(
+            vm.0.memory(),
+            fraction,
+            seed.wrapping_add(1),
+            Pattern::Scattered,
+        )?;
         let t = Instant::now();
         let diff =
             vm.0.snapshot(SnapshotType::Diff, &diff_files.state, &diff_files.mem)
                 .map_err(BenchError::vmm("dense diff snapshot"))?;
         let diff_time = t.elapsed();
+        diff_files.remove();
+        scribble(
+            vm.0.memory(),
+            fraction,
+            seed.wrapping_add(2),
+            Pattern::Contiguous,
+        )?;
+        let t = Instant::now();
+        let contiguous =
+            vm.0.snapshot(SnapshotType::Diff, &diff_files.state, &diff_files.mem)
+                .map_err(BenchError::vmm("dense contiguous diff snapshot"))?;
+        let contiguous_time = t.elapsed();
         drop(vm);
         full_files.remove();
         diff_files.remove();
@@ -433,6 +464,8 @@ impl Target for VmmTarget {
             diff: diff_time,
             diff_bytes: diff.memory.bytes_written,
             touched_pages: touched,
+            contiguous_diff: contiguous_time,
+            contiguous_diff_bytes: contiguous.memory.bytes_written,
         }))
     }
 
