@@ -202,6 +202,10 @@ const COLORS: &[RGBColor] = &[
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(23, 190, 207),
+    RGBColor(188, 189, 34),
+    RGBColor(127, 127, 127),
+    RGBColor(0, 0, 0),
+    RGBColor(0, 0, 128),
 ];
 
 /// Draws `series` under `title` and `subtitle` and writes a PNG to `out`.
