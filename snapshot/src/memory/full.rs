@@ -418,25 +418,4 @@ mod tests {
             })
         ));
     }
-
-    /// Throughput check, run by hand in release:
-    /// `cargo test -p snapshot --release -- --ignored write_full_throughput --nocapture`
-    #[test]
-    #[ignore = "timing report, not a check"]
-    fn write_full_throughput() {
-        let dir = TempDir::new().unwrap();
-        let path = dir.as_path().join("memory");
-        let mem = anon_memory(&[(0, 1 << 30)]);
-        // A quarter of the pages hold data, in 64 KiB clusters; another
-        // eighth were touched but are zero.
-        for cluster in (0..(1u64 << 30)).step_by(256 << 10) {
-            mem.write_slice(&[0x5a; 64 << 10], GuestAddress(cluster))
-                .unwrap();
-            mem.write_slice(&[0; 32 << 10], GuestAddress(cluster + (128 << 10)))
-                .unwrap();
-        }
-        let auto = write_full(&path, &mem).unwrap();
-        let scan = write_full_with(&path, &mem, ScanMode::ContentOnly).unwrap();
-        eprintln!("auto: {auto:?}\nscan: {scan:?}");
-    }
 }

@@ -5,7 +5,6 @@
 //! again (see `LivePrepared::freeze`), which costs a few ioctls instead of
 //! write-protecting all of memory inside the pause.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -87,28 +86,9 @@ fn track(uffd: &Uffd, ranges: &[TrackedRange], stop: &EventFd) -> Result<Vec<Vec
         .collect();
     let mut events = EventBuffer::new(EVENT_BATCH);
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid array of two pollfd for the whole call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(LiveError::Uffd(format!("write tracker: poll: {err}")));
-        }
-        let stopping = fds[1].revents & libc::POLLIN != 0;
+        let stopping = crate::uffd::wait(uffd, stop, -1)
+            .map_err(|e| LiveError::Uffd(format!("write tracker: poll: {e}")))?
+            .stop;
         // Drain everything queued, also when stopping: a fault read after
         // the pause is still one from before it.
         loop {

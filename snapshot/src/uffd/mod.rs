@@ -11,6 +11,7 @@
 mod ioctl;
 mod server;
 mod source;
+mod wait;
 pub mod working_set;
 
 use std::io;
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 pub use server::{PageServer, PageServerStats};
 pub use source::{FilePageSource, PageSource};
 pub use userfaultfd::Uffd;
+pub(crate) use wait::wait;
 
 use vm_memory::GuestMemoryBackend;
 

@@ -1,6 +1,5 @@
 //! The page server thread and prefetching.
 
-use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -288,35 +287,13 @@ fn serve(inner: &Inner, stop: &EventFd) -> Result<(), UffdError> {
     let mut events = EventBuffer::new(EVENT_BATCH);
     let mut deferred: Vec<usize> = Vec::new();
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: inner.uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
         let timeout = if deferred.is_empty() { -1 } else { RETRY_MS };
-        // SAFETY: `fds` is a valid array of two pollfd for the whole call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(UffdError::Thread {
-                op: "poll",
-                source: err,
-            });
-        }
-        if fds[1].revents & libc::POLLIN != 0 {
+        let ready = super::wait(&inner.uffd, stop, timeout)
+            .map_err(|source| UffdError::Thread { op: "poll", source })?;
+        if ready.stop {
             return Ok(());
         }
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        if ready.broken {
             return Err(UffdError::Thread {
                 op: "poll the userfaultfd",
                 source: std::io::Error::other("error condition on the userfaultfd"),
@@ -325,7 +302,7 @@ fn serve(inner: &Inner, stop: &EventFd) -> Result<(), UffdError> {
         for addr in std::mem::take(&mut deferred) {
             inner.serve_fault(addr, false, &mut deferred)?;
         }
-        if fds[0].revents & libc::POLLIN != 0 {
+        if ready.events {
             for event in inner
                 .uffd
                 .read_events(&mut events)
