@@ -171,6 +171,10 @@ mod tests {
         GuestResetLine(stop.clone()).pull();
         stop.report(StopReason::TripleFault { vcpu: 1, rip: None });
         assert_eq!(stop.reason(), Some(StopReason::GuestReset));
-        assert_eq!(stop.eventfd().read().unwrap(), 2, "both reports wake the loop");
+        assert_eq!(
+            stop.eventfd().read().unwrap(),
+            2,
+            "both reports wake the loop"
+        );
     }
 }
