@@ -203,6 +203,7 @@ struct Stats {
     bytes_copied: u64,
     zero_pages: u64,
     prefetched_pages: u64,
+    working_set_faults: u64,
     prefetch_ms: f64,
 }
 
@@ -220,6 +221,7 @@ fn stats(run: &NestedRun, key: &str) -> Stats {
         bytes_copied: u(server, "bytes_copied"),
         zero_pages: u(server, "zero_pages"),
         prefetched_pages: u(server, "prefetched_pages"),
+        working_set_faults: u(server, "working_set_faults"),
         prefetch_ms: v["prefetch_ms"].as_f64().unwrap_or(0.0),
     }
 }
@@ -279,8 +281,19 @@ fn nested_lazy_restore_prefetches_the_working_set() {
         ),
     );
     run.check(b.prefetched_pages > 0, "restore b prefetched nothing");
+    // The working set was in place before the guest asked for it: (almost)
+    // none of its pages faulted. Pages outside it still fault, as many as
+    // the stamper reaches before the stats are read, which depends on load:
+    // so the total is only required to be lower.
     run.check(
-        b.faults < a.faults / 2,
+        b.working_set_faults * 100 <= ws_pages,
+        &format!(
+            "prefetch left {} of the {ws_pages} working-set pages to fault",
+            b.working_set_faults
+        ),
+    );
+    run.check(
+        b.faults < a.faults,
         &format!(
             "prefetch did not cut faults: {} with vs {} without",
             b.faults, a.faults
@@ -305,9 +318,10 @@ fn nested_lazy_restore_prefetches_the_working_set() {
         a.zero_pages
     );
     println!(
-        "  (b) Uffd, prefetch:       {tb:.2} s ({lb:.2} s); {} faults, {} pages prefetched in \
-         {:.1} ms, {:.1} MiB served ({} pages)",
+        "  (b) Uffd, prefetch:       {tb:.2} s ({lb:.2} s); {} faults ({} on working-set pages), \
+         {} pages prefetched in {:.1} ms, {:.1} MiB served ({} pages)",
         b.faults,
+        b.working_set_faults,
         b.prefetched_pages,
         b.prefetch_ms,
         mib(b.bytes_copied),

@@ -34,6 +34,11 @@ pub struct PageServerStats {
     pub zero_pages: u64,
     /// Pages filled by [`PageServer::prefetch`] before the guest asked.
     pub prefetched_pages: u64,
+    /// Faults on pages a prefetch was asked for: pages of the working set
+    /// the prefetch did not fill in time (0 when it did its job, whatever
+    /// else the guest touched).
+    #[serde(default)]
+    pub working_set_faults: u64,
     /// Pages the guest released (`MADV_DONTNEED`/`MADV_REMOVE`), which read
     /// as zero from then on.
     pub removed_pages: u64,
@@ -46,6 +51,7 @@ struct Counters {
     bytes_copied: AtomicU64,
     zero_pages: AtomicU64,
     prefetched_pages: AtomicU64,
+    working_set_faults: AtomicU64,
     removed_pages: AtomicU64,
 }
 
@@ -66,6 +72,8 @@ struct Inner {
     counters: Counters,
     recording: AtomicBool,
     working_set: Mutex<Vec<u64>>,
+    /// Per region, one bit per page: asked for by a prefetch.
+    wanted: Mutex<Vec<Vec<u64>>>,
 }
 
 /// Outcome of one fill attempt.
@@ -119,10 +127,13 @@ impl PageServer {
                 });
             }
         }
-        let removed = regions
-            .iter()
-            .map(|r| vec![0u64; (r.len / PAGE).div_ceil(64)])
-            .collect();
+        let page_bitmaps = || -> Vec<Vec<u64>> {
+            regions
+                .iter()
+                .map(|r| vec![0u64; (r.len / PAGE).div_ceil(64)])
+                .collect()
+        };
+        let (removed, wanted) = (page_bitmaps(), page_bitmaps());
         let inner = Arc::new(Inner {
             uffd,
             regions,
@@ -134,6 +145,7 @@ impl PageServer {
             counters: Counters::default(),
             recording: AtomicBool::new(false),
             working_set: Mutex::new(Vec::new()),
+            wanted: Mutex::new(wanted),
         });
         let thread_err = |op| move |source| UffdError::Thread { op, source };
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(thread_err("create an eventfd"))?;
@@ -186,6 +198,12 @@ impl PageServer {
             {
                 n += 1;
             }
+            {
+                let mut wanted = lock(&self.inner.wanted);
+                for page in first_page..first_page + n {
+                    set_page_bit(&mut wanted[region], page);
+                }
+            }
             filled += self.inner.prefetch_run(region, first_page, n)?;
             i += n as usize;
         }
@@ -217,6 +235,7 @@ impl PageServer {
             bytes_copied: c.bytes_copied.load(Ordering::Relaxed),
             zero_pages: c.zero_pages.load(Ordering::Relaxed),
             prefetched_pages: c.prefetched_pages.load(Ordering::Relaxed),
+            working_set_faults: c.working_set_faults.load(Ordering::Relaxed),
             removed_pages: c.removed_pages.load(Ordering::Relaxed),
         }
     }
@@ -275,6 +294,19 @@ fn check_region(r: &UffdRegion, source_size: u64) -> Result<(), UffdError> {
         return Err(bad("region reaches past the end of the page source"));
     }
     Ok(())
+}
+
+/// Sets `page`'s bit in a one-bit-per-page bitmap.
+fn set_page_bit(bits: &mut [u64], page: u64) {
+    if let Some(word) = bits.get_mut((page / 64) as usize) {
+        *word |= 1 << (page % 64);
+    }
+}
+
+/// Whether `page`'s bit is set (pages past the end read as clear).
+fn page_bit(bits: &[u64], page: u64) -> bool {
+    bits.get((page / 64) as usize)
+        .is_some_and(|word| word & (1 << (page % 64)) != 0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -355,6 +387,11 @@ impl Inner {
         let (region, page) = self.locate_addr(addr)?;
         if first {
             self.counters.faults.fetch_add(1, Ordering::Relaxed);
+            if page_bit(&lock(&self.wanted)[region], page) {
+                self.counters
+                    .working_set_faults
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             if self.recording.load(Ordering::Relaxed) {
                 let offset = self.regions[region].file_offset + page * PAGE_SIZE;
                 lock(&self.working_set).push(offset);
@@ -391,7 +428,7 @@ impl Inner {
             let first = (lo - r.host_addr) / PAGE;
             let last = (hi - r.host_addr).div_ceil(PAGE);
             for page in first..last {
-                state.removed[i][page / 64] |= 1 << (page % 64);
+                set_page_bit(&mut state.removed[i], page as u64);
             }
             self.counters
                 .removed_pages
@@ -400,8 +437,7 @@ impl Inner {
     }
 
     fn reads_as_zero(&self, state: &FillState, region: usize, page: u64) -> bool {
-        let removed = state.removed[region][(page / 64) as usize] & (1 << (page % 64)) != 0;
-        removed
+        page_bit(&state.removed[region], page)
             || self
                 .source
                 .is_zero_page(self.regions[region].file_offset + page * PAGE_SIZE)

@@ -134,6 +134,11 @@ fn prefetched_pages_do_not_fault() {
     assert_eq!(server.stats().prefetched_pages, 7);
     assert_eq!(read_page(&mem, 2), expected_page(2));
     assert_eq!(server.stats().faults, 1);
+    assert_eq!(
+        server.stats().working_set_faults,
+        0,
+        "page 2 was not asked for"
+    );
     assert!(matches!(
         server.prefetch(&[PAGES * PAGE_SIZE]),
         Err(UffdError::OutOfRange { .. })
@@ -163,6 +168,48 @@ fn prefetch_all_while_guest_touches_memory() {
     assert!(stats.faults + stats.prefetched_pages >= PAGES, "{stats:?}");
 }
 
+/// Drops a page's content as a balloon driver would (MADV_DONTNEED).
+fn release_page(mem: &Mem, page: u64) {
+    let region = mem.iter().next().unwrap();
+    let host = region
+        .get_host_address(vm_memory::MemoryRegionAddress(0))
+        .unwrap();
+    // SAFETY: the page lies in the region's live mapping; MADV_DONTNEED only
+    // drops its content.
+    let ret = unsafe {
+        libc::madvise(
+            host.add((page * PAGE_SIZE) as usize).cast(),
+            PAGE_SIZE as usize,
+            libc::MADV_DONTNEED,
+        )
+    };
+    assert_eq!(ret, 0);
+}
+
+#[test]
+fn faults_on_pages_a_prefetch_asked_for_are_counted_apart() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.as_path().join("memory");
+    make_file(&path);
+    let (mem, server) = served(&path);
+    assert_eq!(server.prefetch(&[7 * PAGE_SIZE]).unwrap(), 1);
+    // Released after the prefetch, so the guest's next touch faults on a
+    // page of the working set.
+    release_page(&mem, 7);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(read_page(&mem, 7), vec![0; PAGE_SIZE as usize]);
+            assert_eq!(read_page(&mem, 8), expected_page(8));
+        });
+    });
+    let stats = server.stop().unwrap();
+    assert_eq!(
+        (stats.faults, stats.working_set_faults),
+        (2, 1),
+        "{stats:?}"
+    );
+}
+
 #[test]
 fn removed_pages_read_as_zero_afterwards() {
     let dir = TempDir::new().unwrap();
@@ -171,21 +218,8 @@ fn removed_pages_read_as_zero_afterwards() {
     let (mem, server) = served(&path);
     assert_eq!(read_page(&mem, 5), expected_page(5));
     assert_eq!(read_page(&mem, 100), expected_page(100));
-    let region = mem.iter().next().unwrap();
-    let host = region
-        .get_host_address(vm_memory::MemoryRegionAddress(0))
-        .unwrap();
     for page in [5u64, 100] {
-        // SAFETY: the page lies in the region's live mapping; MADV_DONTNEED
-        // only drops its content, as a balloon driver would.
-        let ret = unsafe {
-            libc::madvise(
-                host.add((page * PAGE_SIZE) as usize).cast(),
-                PAGE_SIZE as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        assert_eq!(ret, 0);
+        release_page(&mem, page);
     }
     // The released page must come back as zero, not as the file's data,
     // both through a fault and through prefetch.
