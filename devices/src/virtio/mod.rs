@@ -7,6 +7,7 @@
 //! loop; interrupts leave through an [`crate::interrupt::Interrupt`].
 
 pub mod block;
+pub mod common;
 pub mod mmio;
 pub mod net;
 pub mod vsock;
@@ -22,6 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::Interrupt;
 use crate::GuestMemoryMmap;
+
+pub use common::{DeviceCore, Features, FeaturesChanged};
 
 /// Device type ids (virtio 1.x, 5 "Device Types").
 pub const TYPE_NET: u32 = 1;

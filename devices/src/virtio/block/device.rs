@@ -1,18 +1,14 @@
 //! The virtio-blk device: features, configuration space and queue handling.
 
 use std::fs::OpenOptions;
-use std::sync::Arc;
 
-use virtio_queue::{QueueOwnedT, QueueState, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::request::{process_chain, Disk};
 use super::{BlockConfig, BlockError, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE};
 use crate::virtio::{
-    ActivateError, ActiveQueue, ActiveState, QueueEventRegistrations, VirtioDevice,
-    VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    DeviceCore, QueueEventRegistrations, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
-use crate::GuestMemoryMmap;
 
 /// The driver may use up to `seg_max` data segments per request.
 const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
@@ -30,12 +26,9 @@ const CONFIG_SPACE_LEN: usize = 16;
 pub struct Block {
     pub(super) config: BlockConfig,
     pub(super) disk: Disk,
-    pub(super) avail_features: u64,
-    pub(super) acked_features: u64,
     config_space: [u8; CONFIG_SPACE_LEN],
-    /// Signalled on activation and reset so the event loop re-registers.
-    pub(super) activate_evt: EventFd,
-    pub(super) active: Option<ActiveState>,
+    /// Features, activation state and the event loop's wakeup.
+    pub(super) core: DeviceCore,
     pub(super) registrations: QueueEventRegistrations,
 }
 
@@ -89,11 +82,8 @@ impl Block {
                 id,
             },
             config,
-            avail_features,
-            acked_features: 0,
             config_space,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
-            active: None,
+            core: DeviceCore::new(avail_features).map_err(BlockError::EventFd)?,
             registrations: QueueEventRegistrations::default(),
         })
     }
@@ -111,7 +101,7 @@ impl Block {
     /// Serves every available request, then interrupts the guest once if
     /// anything completed.
     pub fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.core.active.as_mut() else {
             return;
         };
         let Some(q) = active.queues.first_mut() else {
@@ -157,17 +147,7 @@ impl VirtioDevice for Block {
         &[QUEUE_SIZE]
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    crate::virtio::common::delegate_to_device_core!(core);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::virtio::read_config_bytes(&self.config_space, offset, data);
@@ -180,44 +160,9 @@ impl VirtioDevice for Block {
         );
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        self.activate_evt.write(1)?;
-        self.active = Some(ActiveState {
-            mem,
-            interrupt,
-            queues,
-        });
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn queue_states(&self) -> Vec<QueueState> {
-        self.active
-            .as_ref()
-            .map_or_else(Vec::new, ActiveState::queue_states)
-    }
-
     fn reset(&mut self) -> bool {
-        self.active = None;
-        self.acked_features = 0;
-        // Let the event loop drop the queue registrations.
-        if let Err(e) = self.activate_evt.write(1) {
-            log::error!("virtio-blk: failed to signal reset to the event loop: {e}");
-        }
+        // The event loop then drops the queue registrations.
+        self.core.reset("virtio-blk");
         true
     }
 }

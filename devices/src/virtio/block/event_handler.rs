@@ -13,7 +13,7 @@ impl Block {
     /// after an activation or reset on a vCPU thread.
     fn sync_registrations(&mut self, ops: &mut EventOps) {
         self.registrations.clear(ops);
-        let Some(active) = &self.active else {
+        let Some(active) = &self.core.active else {
             return;
         };
         if let Err(e) = self.registrations.register(ops, &active.queues, 0) {
@@ -29,7 +29,7 @@ impl Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
+            &self.core.activate_evt,
             ACTIVATE,
             EventSet::IN,
         )) {
@@ -40,7 +40,7 @@ impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             ACTIVATE => {
-                let _ = self.activate_evt.read();
+                let _ = self.core.activate_evt.read();
                 self.sync_registrations(ops);
             }
             0 => {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use snapshot::Persist;
 
 use super::{Block, BlockConfig, BlockError};
+use crate::virtio::FeaturesChanged;
 
 /// Saved state of a block device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,8 +36,8 @@ pub enum PersistError {
     Block(#[from] BlockError),
     #[error("disk {path} has {now} sectors, the snapshot saw {saved}")]
     CapacityChanged { path: PathBuf, saved: u64, now: u64 },
-    #[error("device now offers features {now:#x}, the snapshot had {saved:#x}")]
-    FeaturesChanged { saved: u64, now: u64 },
+    #[error(transparent)]
+    FeaturesChanged(#[from] FeaturesChanged),
 }
 
 impl Persist for Block {
@@ -47,10 +48,10 @@ impl Persist for Block {
     fn save(&self) -> BlockState {
         BlockState {
             config: self.config.clone(),
-            avail_features: self.avail_features,
-            acked_features: self.acked_features,
+            avail_features: self.core.features.avail(),
+            acked_features: self.core.features.acked(),
             capacity_sectors: self.disk.capacity_sectors,
-            activated: self.active.is_some(),
+            activated: self.core.is_activated(),
         }
     }
 
@@ -68,13 +69,10 @@ impl Persist for Block {
                 now: block.disk.capacity_sectors,
             });
         }
-        if block.avail_features != state.avail_features {
-            return Err(PersistError::FeaturesChanged {
-                saved: state.avail_features,
-                now: block.avail_features,
-            });
-        }
-        block.acked_features = state.acked_features & block.avail_features;
+        block
+            .core
+            .features
+            .restore(state.avail_features, state.acked_features)?;
         Ok(block)
     }
 }

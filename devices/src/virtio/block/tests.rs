@@ -459,3 +459,39 @@ fn construction_errors() {
         Err(BlockError::IdTooLong { .. })
     ));
 }
+
+/// A block state as snapshots wrote it before the feature and activation
+/// plumbing moved into `DeviceCore`: it must still restore, and a device
+/// saves the same JSON it did then.
+#[test]
+fn snapshot_state_from_before_device_core_restores() {
+    let f = disk_file();
+    let path = serde_json::to_string(f.as_path()).unwrap();
+    let json = |activated: bool| {
+        format!(
+            r#"{{"config":{{"path":{path},"read_only":false,"id":"d0"}},"avail_features":4294967812,"acked_features":4294967300,"capacity_sectors":16,"activated":{activated}}}"#
+        )
+    };
+    let state: BlockState = serde_json::from_str(&json(true)).unwrap();
+    let block = Block::restore(BlockConstructorArgs::default(), &state).unwrap();
+    assert_eq!(block.avail_features(), features(false));
+    assert_eq!(block.acked_features(), (1 << 32) | (1 << 2));
+    assert!(!block.is_activated());
+    assert_eq!(
+        serde_json::to_string(&block.save()).unwrap(),
+        json(false),
+        "saved state changed shape"
+    );
+
+    // Features the device no longer offers are refused, with the old message.
+    let mut other = state.clone();
+    other.avail_features = 1 << 32;
+    let Err(err) = Block::restore(BlockConstructorArgs::default(), &other) else {
+        panic!("restored with other features");
+    };
+    assert!(matches!(err, PersistError::FeaturesChanged(_)));
+    assert_eq!(
+        err.to_string(),
+        "device now offers features 0x100000204, the snapshot had 0x100000000"
+    );
+}

@@ -2,17 +2,14 @@
 //! between the queues and the TAP.
 
 use std::io;
-use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemory, Permissions};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{NetConfig, NetError, Tap, MAX_FRAME_LEN, QUEUE_SIZE, VNET_HDR_LEN};
 use crate::virtio::{
-    ActivateError, ActiveQueue, ActiveState, QueueEventRegistrations, VirtioDevice,
-    VirtioInterrupt, TYPE_NET, VIRTIO_F_VERSION_1,
+    DeviceCore, QueueEventRegistrations, VirtioDevice, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemoryMmap;
 
@@ -45,12 +42,9 @@ pub struct NetCounters {
 pub struct Net {
     pub(super) config: NetConfig,
     pub(super) tap: Tap,
-    pub(super) avail_features: u64,
-    pub(super) acked_features: u64,
     config_space: [u8; 6],
-    /// Signalled on activation and reset so the event loop re-registers.
-    pub(super) activate_evt: EventFd,
-    pub(super) active: Option<ActiveState>,
+    /// Features, activation state and the event loop's wakeup.
+    pub(super) core: DeviceCore,
     pub(super) registrations: QueueEventRegistrations,
     /// Whether the TAP fd is in the epoll set: it is taken out while the
     /// guest offers no receive buffers, or level-triggered readiness would
@@ -81,11 +75,8 @@ impl Net {
         Ok(Self {
             config,
             tap,
-            avail_features,
-            acked_features: 0,
             config_space,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd)?,
-            active: None,
+            core: DeviceCore::new(avail_features).map_err(NetError::EventFd)?,
             registrations: QueueEventRegistrations::default(),
             tap_registered: false,
             rx_frame: vec![0; MAX_FRAME_LEN],
@@ -110,7 +101,7 @@ impl Net {
     /// Returns false when it stopped for lack of buffers (the caller then
     /// stops polling the TAP until the guest adds some).
     pub(super) fn process_rx(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.core.active.as_mut() else {
             return true;
         };
         let mem = &active.mem;
@@ -183,7 +174,7 @@ impl Net {
     /// Sends every available transmit chain to the TAP. Returns false when
     /// the budget ran out with chains left.
     pub(super) fn process_tx(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.core.active.as_mut() else {
             return true;
         };
         let mem = &active.mem;
@@ -313,17 +304,7 @@ impl VirtioDevice for Net {
         &[QUEUE_SIZE, QUEUE_SIZE]
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
+    crate::virtio::common::delegate_to_device_core!(core);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         crate::virtio::read_config_bytes(&self.config_space, offset, data);
@@ -337,45 +318,11 @@ impl VirtioDevice for Net {
         );
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<VirtioInterrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
-        self.activate_evt.write(1)?;
-        self.active = Some(ActiveState {
-            mem,
-            interrupt,
-            queues,
-        });
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn queue_states(&self) -> Vec<QueueState> {
-        self.active
-            .as_ref()
-            .map_or_else(Vec::new, ActiveState::queue_states)
-    }
-
     fn reset(&mut self) -> bool {
-        self.active = None;
-        self.acked_features = 0;
+        // A frame read but not delivered belongs to the old driver.
         self.rx_len = 0;
-        // Let the event loop drop the TAP and queue registrations.
-        if let Err(e) = self.activate_evt.write(1) {
-            log::error!("virtio-net: failed to signal reset to the event loop: {e}");
-        }
+        // The event loop then drops the TAP and queue registrations.
+        self.core.reset("virtio-net");
         true
     }
 }

@@ -35,7 +35,7 @@ impl Net {
 
     fn rx(&mut self, ops: &mut EventOps) {
         let have_buffers = self.process_rx();
-        self.set_tap_polling(ops, have_buffers && self.active.is_some());
+        self.set_tap_polling(ops, have_buffers && self.core.is_activated());
     }
 
     fn tx(&mut self) {
@@ -50,7 +50,7 @@ impl Net {
     fn sync_registrations(&mut self, ops: &mut EventOps) {
         self.registrations.clear(ops);
         self.set_tap_polling(ops, false);
-        let Some(active) = &self.active else {
+        let Some(active) = &self.core.active else {
             return;
         };
         if let Err(e) = self.registrations.register(ops, &active.queues, 0) {
@@ -67,7 +67,7 @@ impl Net {
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::with_data(
-            &self.activate_evt,
+            &self.core.activate_evt,
             ACTIVATE,
             EventSet::IN,
         )) {
@@ -78,7 +78,7 @@ impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             ACTIVATE => {
-                let _ = self.activate_evt.read();
+                let _ = self.core.activate_evt.read();
                 self.sync_registrations(ops);
             }
             RX => {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use snapshot::Persist;
 
 use super::{Net, NetConfig, NetError};
+use crate::virtio::FeaturesChanged;
 
 /// Saved state of a network device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,8 +33,8 @@ pub struct NetConstructorArgs {
 pub enum PersistError {
     #[error(transparent)]
     Net(#[from] NetError),
-    #[error("device now offers features {now:#x}, the snapshot had {saved:#x}")]
-    FeaturesChanged { saved: u64, now: u64 },
+    #[error(transparent)]
+    FeaturesChanged(#[from] FeaturesChanged),
 }
 
 impl Persist for Net {
@@ -44,9 +45,9 @@ impl Persist for Net {
     fn save(&self) -> NetState {
         NetState {
             config: self.config.clone(),
-            avail_features: self.avail_features,
-            acked_features: self.acked_features,
-            activated: self.active.is_some(),
+            avail_features: self.core.features.avail(),
+            acked_features: self.core.features.acked(),
+            activated: self.core.is_activated(),
         }
     }
 
@@ -64,13 +65,9 @@ impl Net {
     /// The part of restore after the TAP is open (shared with tests, which
     /// use a socketpair instead of a TAP).
     pub(super) fn finish_restore(mut net: Net, state: &NetState) -> Result<Net, PersistError> {
-        if net.avail_features != state.avail_features {
-            return Err(PersistError::FeaturesChanged {
-                saved: state.avail_features,
-                now: net.avail_features,
-            });
-        }
-        net.acked_features = state.acked_features & net.avail_features;
+        net.core
+            .features
+            .restore(state.avail_features, state.acked_features)?;
         Ok(net)
     }
 }

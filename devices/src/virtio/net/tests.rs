@@ -314,7 +314,7 @@ fn snapshot_restore_keeps_queue_positions() {
             Net::with_tap(other.config.clone(), tap).unwrap(),
             &net_state
         ),
-        Err(PersistError::FeaturesChanged { .. })
+        Err(PersistError::FeaturesChanged(_))
     ));
 }
 
@@ -409,4 +409,40 @@ fn real_tap_round_trip() {
         .parse()
         .unwrap();
     assert_eq!(after, before + 1);
+}
+
+/// A net state as snapshots wrote it before the feature and activation
+/// plumbing moved into `DeviceCore`: it must still restore, and a device
+/// saves the same JSON it did then.
+#[test]
+fn snapshot_state_from_before_device_core_restores() {
+    let json = |activated: bool| {
+        format!(
+            r#"{{"config":{{"tap":"sock","mac":"02:00:00:00:00:01"}},"avail_features":4294967328,"acked_features":4294967328,"activated":{activated}}}"#
+        )
+    };
+    let state: NetState = serde_json::from_str(&json(true)).unwrap();
+    let (tap, _peer) = socket_tap();
+    let net =
+        Net::finish_restore(Net::with_tap(state.config.clone(), tap).unwrap(), &state).unwrap();
+    assert_eq!(net.avail_features(), FEATURES);
+    assert_eq!(net.acked_features(), FEATURES);
+    assert!(!net.is_activated());
+    assert_eq!(
+        serde_json::to_string(&net.save()).unwrap(),
+        json(false),
+        "saved state changed shape"
+    );
+
+    let mut other = state.clone();
+    other.avail_features = 1 << 32;
+    let (tap, _peer) = socket_tap();
+    let Err(err) = Net::finish_restore(Net::with_tap(state.config.clone(), tap).unwrap(), &other)
+    else {
+        panic!("restored with other features");
+    };
+    assert_eq!(
+        err.to_string(),
+        "device now offers features 0x100000020, the snapshot had 0x100000000"
+    );
 }

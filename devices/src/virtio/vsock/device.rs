@@ -17,7 +17,8 @@ use super::muxer::Muxer;
 use super::packet::{self, Header, HDR_SIZE, MAX_PKT_PAYLOAD};
 use super::{VsockConfig, VsockError};
 use crate::virtio::{
-    ActivateError, ActiveQueue, VirtioDevice, VirtioInterrupt, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    ActivateError, ActiveQueue, Features, VirtioDevice, VirtioInterrupt, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
 };
 use crate::GuestMemoryMmap;
 
@@ -47,7 +48,8 @@ pub(super) struct Active {
 /// and the event manager.
 pub struct Vsock {
     pub(super) guest_cid: u64,
-    pub(super) acked_features: u64,
+    /// Offered ([`AVAIL_FEATURES`]) and accepted feature bits.
+    pub(super) features: Features,
     pub(super) active: Option<Active>,
     pub(super) muxer: Muxer,
     /// Signalled by `activate` / `transport_reset` (any thread) so the event
@@ -78,7 +80,7 @@ impl Vsock {
         let kick_evt = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
         Ok(Self {
             guest_cid,
-            acked_features: 0,
+            features: Features::new(AVAIL_FEATURES),
             active: None,
             muxer: Muxer::new(guest_cid, uds_path.to_path_buf(), listener),
             kick_evt,
@@ -369,28 +371,20 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        AVAIL_FEATURES
+        self.features.avail()
     }
 
     fn acked_features(&self) -> u64 {
-        self.acked_features
+        self.features.acked()
     }
 
     fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
+        self.features.set_acked(features);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        let config = self.guest_cid.to_le_bytes();
-        data.fill(0);
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::virtio::read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -445,7 +439,7 @@ impl VirtioDevice for Vsock {
             self.evt_graveyard.extend(old.evts);
         }
         self.muxer.reset_all();
-        self.acked_features = 0;
+        self.features.clear_acked();
         self.reset_pending = false;
         if let Err(e) = self.kick_evt.write(1) {
             log::warn!("vsock: cannot signal the event loop: {e}");

@@ -43,7 +43,7 @@ impl Persist for Vsock {
                 guest_cid: self.guest_cid,
                 uds_path: self.uds_path().to_path_buf(),
             },
-            acked_features: self.acked_features,
+            acked_features: self.features.acked(),
             activated: self.active.is_some(),
         }
     }
@@ -60,7 +60,7 @@ impl Persist for Vsock {
             });
         }
         let mut dev = Vsock::new(&config)?;
-        dev.acked_features = state.acked_features;
+        dev.features.set_acked(state.acked_features);
         // The guest believes its old connections are alive: reset them once
         // the transport hands the queues back.
         dev.reset_pending = state.activated;

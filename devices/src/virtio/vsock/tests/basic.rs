@@ -521,3 +521,21 @@ fn out_of_range_tx_avail_index_does_not_hang() {
     rx.recv_timeout(std::time::Duration::from_secs(5))
         .expect("process_queues must return on a refused avail index");
 }
+
+/// A vsock state as snapshots wrote it before the feature bits moved into
+/// `Features`: it must still restore, and a device saves the same JSON.
+#[test]
+fn snapshot_state_from_before_features_restores() {
+    let dir = TempDir::new();
+    let uds = serde_json::to_string(&dir.0.join("old.sock")).unwrap();
+    let json = |activated: bool| {
+        format!(
+            r#"{{"config":{{"guest_cid":7,"uds_path":{uds}}},"acked_features":4294967296,"activated":{activated}}}"#
+        )
+    };
+    let state: super::super::VsockState = serde_json::from_str(&json(true)).unwrap();
+    let dev = Vsock::restore(VsockConstructorArgs::default(), &state).unwrap();
+    assert_eq!(dev.acked_features(), 1 << crate::virtio::VIRTIO_F_VERSION_1);
+    assert!(!dev.is_activated());
+    assert_eq!(serde_json::to_string(&dev.save()).unwrap(), json(false));
+}
