@@ -233,11 +233,10 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     fn serve_once(answer: &'static [u8]) -> (PathBuf, std::thread::JoinHandle<()>) {
-        let dir = std::env::temp_dir().join(format!(
-            "vmm-tests-api-{}-{}",
-            std::process::id(),
-            answer.len()
-        ));
+        // One directory per call: tests run in parallel threads of one process.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vmm-tests-api-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("s");
