@@ -6,6 +6,7 @@
 pub mod atomic;
 pub mod format;
 pub mod memory;
+mod page_bits;
 pub mod uffd;
 
 pub use atomic::{write_atomic, AtomicWriteError};

@@ -34,6 +34,7 @@ use super::host::HostRegion;
 use super::live_track::{TrackedRange, Tracker};
 use super::{MemoryError, MemoryLayout, MemoryWriteStats, PAGE_SIZE};
 use crate::atomic::PendingFile;
+use crate::page_bits;
 
 /// Pages copied between two looks at pending write faults.
 const CHUNK_PAGES: u64 = 256;
@@ -88,16 +89,6 @@ struct Region {
     copied: Vec<u64>,
 }
 
-fn bit(bits: &[u64], page: u64) -> bool {
-    bits[(page / 64) as usize] & (1 << (page % 64)) != 0
-}
-
-pub(super) fn set_bit(bits: &mut [u64], page: u64) {
-    if let Some(word) = bits.get_mut((page / 64) as usize) {
-        *word |= 1 << (page % 64);
-    }
-}
-
 /// One bit per page of `host`: present in RAM or swapped out.
 fn present_pages(pagemap: &Pagemap, host: &HostRegion<'_>) -> Result<Vec<u64>, MemoryError> {
     let pages = host.len() as u64 / PAGE_SIZE;
@@ -124,12 +115,12 @@ fn bit_runs(bits: &[u64], pages: u64) -> Vec<(u64, u64)> {
     let mut runs = Vec::new();
     let mut page = 0;
     while page < pages {
-        if !bit(bits, page) {
+        if !page_bits::get(bits, page) {
             page += 1;
             continue;
         }
         let start = page;
-        while page < pages && bit(bits, page) {
+        while page < pages && page_bits::get(bits, page) {
             page += 1;
         }
         runs.push((start, page - start));
@@ -449,10 +440,10 @@ where
         stats: &mut LiveStats,
     ) -> Result<(), LiveError> {
         let r = &self.regions[index];
-        if bit(&r.copied, page) {
+        if page_bits::get(&r.copied, page) {
             return Ok(());
         }
-        if bit(&r.present, page) {
+        if page_bits::get(&r.present, page) {
             let region = self
                 .mem
                 .iter()
@@ -477,7 +468,7 @@ where
         } else {
             stats.memory.unpopulated_pages += 1;
         }
-        set_bit(&mut self.regions[index].copied, page);
+        page_bits::set(&mut self.regions[index].copied, page);
         Ok(())
     }
 
@@ -676,9 +667,9 @@ mod tests {
     fn bit_runs_finds_runs() {
         let mut bits = vec![0u64; 3];
         for p in [0, 1, 2, 63, 64, 130] {
-            set_bit(&mut bits, p);
+            page_bits::set(&mut bits, p);
         }
-        set_bit(&mut bits, 1000); // Out of range: ignored.
+        page_bits::set(&mut bits, 1000); // Out of range: ignored.
         assert_eq!(bit_runs(&bits, 140), vec![(0, 3), (63, 2), (130, 1)]);
         assert_eq!(bit_runs(&bits, 64), vec![(0, 3), (63, 1)]);
     }

@@ -11,8 +11,9 @@ use std::thread::JoinHandle;
 use userfaultfd::{Event, EventBuffer, Uffd};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::live::{set_bit, LiveError};
+use super::live::LiveError;
 use super::PAGE_SIZE;
+use crate::page_bits;
 
 /// Events read per `read` of the userfaultfd.
 const EVENT_BATCH: usize = 64;
@@ -127,7 +128,7 @@ fn release(
         .position(|r| addr >= r.host_addr && addr < r.host_addr + r.len)
     {
         let page = ((page_addr - ranges[index].host_addr) / PAGE) as u64;
-        set_bit(&mut touched[index], page);
+        page_bits::set(&mut touched[index], page);
     }
     uffd.remove_write_protection(page_addr as *mut libc::c_void, PAGE, true)
         .map_err(|e| LiveError::Protect {

@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ioctl::{self, Progress};
 use super::{PageSource, UffdError, UffdRegion};
 use crate::memory::PAGE_SIZE;
+use crate::page_bits;
 
 /// Events read per `read(2)` on the userfaultfd.
 const EVENT_BATCH: usize = 64;
@@ -60,6 +61,8 @@ struct Counters {
 struct FillState {
     /// Per region, one bit per page: released by the guest, zero from now on.
     removed: Vec<Vec<u64>>,
+    /// Per region, one bit per page: asked for by [`PageServer::prefetch`].
+    wanted: Vec<Vec<u64>>,
     /// Bounce buffer for source reads.
     buf: Vec<u8>,
 }
@@ -72,8 +75,6 @@ struct Inner {
     counters: Counters,
     recording: AtomicBool,
     working_set: Mutex<Vec<u64>>,
-    /// Per region, one bit per page: asked for by a prefetch.
-    wanted: Mutex<Vec<Vec<u64>>>,
 }
 
 /// Outcome of one fill attempt.
@@ -140,12 +141,12 @@ impl PageServer {
             source: Box::new(source),
             fill: Mutex::new(FillState {
                 removed,
+                wanted,
                 buf: Vec::new(),
             }),
             counters: Counters::default(),
             recording: AtomicBool::new(false),
             working_set: Mutex::new(Vec::new()),
-            wanted: Mutex::new(wanted),
         });
         let thread_err = |op| move |source| UffdError::Thread { op, source };
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(thread_err("create an eventfd"))?;
@@ -198,13 +199,7 @@ impl PageServer {
             {
                 n += 1;
             }
-            {
-                let mut wanted = lock(&self.inner.wanted);
-                for page in first_page..first_page + n {
-                    set_page_bit(&mut wanted[region], page);
-                }
-            }
-            filled += self.inner.prefetch_run(region, first_page, n)?;
+            filled += self.inner.prefetch_run(region, first_page, n, true)?;
             i += n as usize;
         }
         Ok(filled)
@@ -219,7 +214,7 @@ impl PageServer {
             let mut page = 0;
             while page < pages {
                 let n = (pages - page).min(MAX_PREFETCH_PAGES);
-                filled += self.inner.prefetch_run(region, page, n)?;
+                filled += self.inner.prefetch_run(region, page, n, false)?;
                 page += n;
             }
         }
@@ -294,19 +289,6 @@ fn check_region(r: &UffdRegion, source_size: u64) -> Result<(), UffdError> {
         return Err(bad("region reaches past the end of the page source"));
     }
     Ok(())
-}
-
-/// Sets `page`'s bit in a one-bit-per-page bitmap.
-fn set_page_bit(bits: &mut [u64], page: u64) {
-    if let Some(word) = bits.get_mut((page / 64) as usize) {
-        *word |= 1 << (page % 64);
-    }
-}
-
-/// Whether `page`'s bit is set (pages past the end read as clear).
-fn page_bit(bits: &[u64], page: u64) -> bool {
-    bits.get((page / 64) as usize)
-        .is_some_and(|word| word & (1 << (page % 64)) != 0)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -387,25 +369,37 @@ impl Inner {
         let (region, page) = self.locate_addr(addr)?;
         if first {
             self.counters.faults.fetch_add(1, Ordering::Relaxed);
-            if page_bit(&lock(&self.wanted)[region], page) {
-                self.counters
-                    .working_set_faults
-                    .fetch_add(1, Ordering::Relaxed);
-            }
             if self.recording.load(Ordering::Relaxed) {
                 let offset = self.regions[region].file_offset + page * PAGE_SIZE;
                 lock(&self.working_set).push(offset);
             }
         }
         let mut state = lock(&self.fill);
+        if first && page_bits::get(&state.wanted[region], page) {
+            self.counters
+                .working_set_faults
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if let Fill::Blocked = self.fill_run(&mut state, region, page, 1)? {
             deferred.push(addr);
         }
         Ok(())
     }
 
-    fn prefetch_run(&self, region: usize, first_page: u64, pages: u64) -> Result<u64, UffdError> {
+    /// Fills a run ahead of the guest; `wanted` marks it as working set.
+    fn prefetch_run(
+        &self,
+        region: usize,
+        first_page: u64,
+        pages: u64,
+        wanted: bool,
+    ) -> Result<u64, UffdError> {
         let mut state = lock(&self.fill);
+        if wanted {
+            for page in first_page..first_page + pages {
+                page_bits::set(&mut state.wanted[region], page);
+            }
+        }
         // A blocked prefetch is dropped: those pages will fault instead.
         let filled = match self.fill_run(&mut state, region, first_page, pages)? {
             Fill::Done(n) => n,
@@ -428,7 +422,7 @@ impl Inner {
             let first = (lo - r.host_addr) / PAGE;
             let last = (hi - r.host_addr).div_ceil(PAGE);
             for page in first..last {
-                set_page_bit(&mut state.removed[i], page as u64);
+                page_bits::set(&mut state.removed[i], page as u64);
             }
             self.counters
                 .removed_pages
@@ -437,7 +431,7 @@ impl Inner {
     }
 
     fn reads_as_zero(&self, state: &FillState, region: usize, page: u64) -> bool {
-        page_bit(&state.removed[region], page)
+        page_bits::get(&state.removed[region], page)
             || self
                 .source
                 .is_zero_page(self.regions[region].file_offset + page * PAGE_SIZE)
