@@ -4,6 +4,7 @@
 //! fresh boot from its disk); removed.
 
 use std::ffi::OsString;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -421,28 +422,13 @@ impl Sandbox {
         ))
     }
 
-    /// The VMM's last line when its process ended with an error (`vmm run`
-    /// prints one `vmm: ...` line before exiting 1 or 2); None after a clean
-    /// stop or reboot, which print nothing.
-    fn crash_line(&self) -> Option<String> {
-        let text = std::fs::read(&self.paths.vmm_log).ok()?;
-        let tail = &text[text.len().saturating_sub(4096)..];
-        let last = String::from_utf8_lossy(tail)
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())?
-            .trim()
-            .to_string();
-        last.starts_with("vmm: ").then_some(last)
-    }
-
     /// Makes sure the VM runs: boots a stopped sandbox, resumes a paused one.
     pub fn ensure_running(&mut self, ctx: &Ctx) -> Result<()> {
         match self.status() {
             Status::Running => Ok(()),
             Status::Paused => self.api().resume(),
             Status::Stopped => {
-                if let Some(line) = self.crash_line() {
+                if let Some(line) = crash_line(&self.paths.vmm_log) {
                     eprintln!(
                         "vmm: sandbox {} had stopped ({line}); booting it again from its disk \
                          (what was only in its memory is gone; `vmm logs {}` has the console)",
@@ -571,9 +557,44 @@ pub fn shell_words(argv: &[String]) -> String {
         .join(" ")
 }
 
+/// The VMM's last line when its process ended with an error (`vmm run`
+/// prints one `vmm: ...` line before exiting 1 or 2); None after a clean
+/// stop or reboot, which print nothing.
+fn crash_line(vmm_log: &Path) -> Option<String> {
+    // The log is appended to across boots: read only its end.
+    let mut f = std::fs::File::open(vmm_log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    let last = String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())?
+        .trim()
+        .to_string();
+    last.starts_with("vmm: ").then_some(last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crash_line_is_the_last_vmm_error_line_only() {
+        let dir = super::super::store::tests::TempDir::new("crash-line");
+        let log = dir.0.join("vmm.log");
+        assert_eq!(crash_line(&log), None, "no log");
+        let mut text = "x".repeat(10_000);
+        text.push_str("\nvmm[main] warn: noise\nvmm: vCPU 0: guest triple fault\n\n");
+        std::fs::write(&log, &text).unwrap();
+        assert_eq!(
+            crash_line(&log).as_deref(),
+            Some("vmm: vCPU 0: guest triple fault")
+        );
+        std::fs::write(&log, "vmm: old crash\nvmm[main] info: guest rebooted\n").unwrap();
+        assert_eq!(crash_line(&log), None, "a clean end after an old crash");
+    }
 
     #[test]
     fn quoting_and_meta_format() {
