@@ -54,6 +54,28 @@ impl WarmSpec {
             .as_deref()
             .is_some_and(|m| log.find(m).is_some())
     }
+
+    /// Watches the console from `start` until the marker shows or `max`
+    /// passes; `step` runs between looks (drive the VM, check it is alive).
+    /// Whether the marker was seen.
+    pub fn wait(
+        &self,
+        log: &mut LogWatch,
+        start: Instant,
+        mut step: impl FnMut(&mut LogWatch) -> Result<()>,
+    ) -> Result<bool> {
+        loop {
+            signals::check()?;
+            log.poll();
+            if self.reached(log) {
+                return Ok(true);
+            }
+            if start.elapsed() >= self.max {
+                return Ok(false);
+            }
+            step(log)?;
+        }
+    }
 }
 
 /// How the warm-up ended.
@@ -64,6 +86,22 @@ pub struct WarmOutcome {
     pub wall_ms: f64,
     /// printk timestamp of the last console line at the end of the warm-up.
     pub kernel_secs: Option<f64>,
+}
+
+impl WarmOutcome {
+    /// The outcome of a warm-up that began at `start` and whose console is `log`.
+    pub fn new(warm: &WarmSpec, marker_seen: bool, start: Instant, log: &LogWatch) -> Self {
+        WarmOutcome {
+            marker: warm.marker.clone(),
+            marker_seen,
+            wall_ms: crate::stats::ms(start.elapsed()),
+            kernel_secs: log
+                .text()
+                .lines()
+                .rev()
+                .find_map(crate::serial::printk_secs),
+        }
+    }
 }
 
 /// Stops a VM's vCPUs when dropped, so an early return never leaks them.
@@ -108,35 +146,19 @@ impl VmmTarget {
         let mut vm = VmGuard(built?);
         vm.0.start().map_err(BenchError::vmm("starting the VM"))?;
         let mut log = LogWatch::new(&serial, start);
-        let marker_seen = loop {
-            signals::check()?;
-            if let Some(reason) = vm.0.run_once() {
+        let marker_seen = warm.wait(&mut log, start, |log| match vm.0.run_once() {
+            Some(reason) => {
                 log.poll();
-                return Err(BenchError::GuestStopped(format!(
+                Err(BenchError::GuestStopped(format!(
                     "{reason:?} during warm-up; console: {}",
                     log.tail(3)
-                )));
+                )))
             }
-            log.poll();
-            if warm.reached(&log) {
-                break true;
-            }
-            if start.elapsed() >= warm.max {
-                break false;
-            }
-        };
+            None => Ok(()),
+        })?;
         vm.0.pause()
             .map_err(BenchError::vmm("pausing after warm-up"))?;
-        let outcome = WarmOutcome {
-            marker: warm.marker.clone(),
-            marker_seen,
-            wall_ms: crate::stats::ms(start.elapsed()),
-            kernel_secs: log
-                .text()
-                .lines()
-                .rev()
-                .find_map(crate::serial::printk_secs),
-        };
+        let outcome = WarmOutcome::new(warm, marker_seen, start, &log);
         Ok((
             Self {
                 vm: Some(vm),

@@ -206,15 +206,7 @@ impl FirecrackerTarget {
             fc.call(method, path, body)?;
         }
         let mut log = LogWatch::new(&serial, start);
-        let marker_seen = loop {
-            signals::check()?;
-            log.poll();
-            if warm.reached(&log) {
-                break true;
-            }
-            if start.elapsed() >= warm.max {
-                break false;
-            }
+        let marker_seen = warm.wait(&mut log, start, |log| {
             if !fc.is_running()? {
                 return Err(BenchError::GuestStopped(format!(
                     "firecracker guest not running during warm-up; console: {}",
@@ -222,18 +214,10 @@ impl FirecrackerTarget {
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
-        };
+            Ok(())
+        })?;
         fc.call("PATCH", "/vm", json!({"state": "Paused"}))?;
-        let outcome = WarmOutcome {
-            marker: warm.marker.clone(),
-            marker_seen,
-            wall_ms: crate::stats::ms(start.elapsed()),
-            kernel_secs: log
-                .text()
-                .lines()
-                .rev()
-                .find_map(crate::serial::printk_secs),
-        };
+        let outcome = WarmOutcome::new(warm, marker_seen, start, &log);
         Ok((
             Self {
                 bin: bin.to_path_buf(),
