@@ -41,7 +41,8 @@ pub const STATUS_FEATURES_OK: u32 = 0x08;
 pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
 
-mod reg {
+/// Register offsets (virtio 1.x, 4.2.2); public for tools that play the driver.
+pub mod reg {
     pub const MAGIC: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;

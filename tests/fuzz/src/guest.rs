@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use devices::bus::BusDevice;
 use devices::interrupt::Interrupt;
 use devices::virtio::mmio::{
-    MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
+    reg, MmioTransport, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FEATURES_OK,
 };
 use devices::virtio::VirtioDevice;
 use devices::GuestMemoryMmap;
@@ -112,24 +112,6 @@ fn write(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) {
     // All writes are inside the fixed layout above.
     mem.write_slice(bytes, GuestAddress(addr))
         .expect("layout fits guest memory");
-}
-
-/// virtio-mmio register offsets (virtio 1.x, 4.2.2); the devices crate keeps its own private.
-mod reg {
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_AVAIL_LOW: u64 = 0x090;
-    pub const QUEUE_AVAIL_HIGH: u64 = 0x094;
-    pub const QUEUE_USED_LOW: u64 = 0x0a0;
-    pub const QUEUE_USED_HIGH: u64 = 0x0a4;
 }
 
 /// An interrupt line that goes nowhere.
