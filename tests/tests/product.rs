@@ -21,26 +21,17 @@ use std::time::Duration;
 use serde_json::Value;
 use vmm_tests::*;
 
+const NESTED_LIB: &str = include_str!("../guest-progs/nested-lib.sh");
+
 const SCENARIO: &str = r##"
 set -u
 export VMM_KERNEL=/guest/vmlinux VMM_ROOTFS=/guest/rootfs.ext4 VMM_STATE_DIR=/state
 mkdir -p /state && mount -t tmpfs -o size=1800m tmpfs /state
-now() { cut -d' ' -f1 /proc/uptime; }
-el() { awk -v a="$1" -v b="$(now)" 'BEGIN{printf "%.2f", b-a}'; }
-oneline() { tr '\n' '|' | head -c 400; }
-# run KEY CMD...: runs a vmm command, prints KEY_EXIT, KEY_OUT and KEY_ERR.
-run() {
-  key=$1; shift
-  "$@" >/tmp/out 2>/tmp/err
-  rc=$?
-  echo "${key}_EXIT=$rc"
-  echo "${key}_OUT=$(oneline </tmp/out)"
-  echo "${key}_ERR=$(oneline </tmp/err)"
-}
+# Helpers (now, since, run, oneline) are in guest-progs/nested-lib.sh.
 
 # 1. use creates the sandbox and returns the command's exit code.
-t0=$(now); run CREATE vmm use dev --mem-mib 128 -- sh -c 'echo hello-from-dev; exit 7'; echo "T_CREATE=$(el $t0)"
-t0=$(now); run WARM vmm use dev -- true; echo "T_WARM=$(el $t0)"
+t0=$(now); run CREATE vmm use dev --mem-mib 128 -- sh -c 'echo hello-from-dev; exit 7'; echo "T_CREATE=$(since $t0)"
+t0=$(now); run WARM vmm use dev -- true; echo "T_WARM=$(since $t0)"
 run EXIT42 vmm use dev -- sh -c 'echo out; echo err >&2; exit 42'
 run ENV vmm use dev --env FOO=bar --workdir /tmp -- sh -c 'echo "$FOO $(pwd)"'
 echo piped | vmm use dev -i -- cat >/tmp/out 2>/tmp/err; echo "STDIN_OUT=$(oneline </tmp/out)"
@@ -59,13 +50,13 @@ vmm use dev -- sh -c 'echo precious > /root/data.txt; sync'
 vmm use dev -- sh -c 'setsid sh -c "i=0; while :; do i=\$((i+1)); echo \$i > /tmp/counter; sleep 1; done" </dev/null >/dev/null 2>&1 &'
 sleep 2
 echo "COUNTER_BEFORE_SAVE=$(vmm use dev -- cat /tmp/counter)"
-t0=$(now); run SAVE vmm snapshot save dev --name before-risky; echo "T_SAVE_FULL=$(el $t0)"
+t0=$(now); run SAVE vmm snapshot save dev --name before-risky; echo "T_SAVE_FULL=$(since $t0)"
 echo "PAUSED_STATUS=$(vmm status dev -o json | grep '"status"' | tr -d ' ,')"
 run RISKY vmm use dev -- sh -c 'rm -f /root/data.txt; echo broken > /root/broken'
 run GONE vmm use dev -- cat /root/data.txt
 run RM_RUNNING vmm rm dev
 run RM_FORCE vmm rm -f dev
-t0=$(now); run RESTORE vmm snapshot restore before-risky --into dev; echo "T_RESTORE=$(el $t0)"
+t0=$(now); run RESTORE vmm snapshot restore before-risky --into dev; echo "T_RESTORE=$(since $t0)"
 run RESTORED_DATA vmm use dev -- cat /root/data.txt
 run RESTORED_BROKEN vmm use dev -- sh -c 'test -e /root/broken; echo $?'
 c1=$(vmm use dev -- cat /tmp/counter 2>/tmp/c1.err); sleep 2; c2=$(vmm use dev -- cat /tmp/counter)
@@ -78,7 +69,7 @@ echo "COUNTER_ADVANCES=$([ -n "$c1" ] && [ -n "$c2" ] && [ "$c2" -gt "$c1" ] && 
 vmm use dev -- sh -c 'echo base > /root/branch.txt'
 run BRANCH_SAVE vmm snapshot save dev --name branch-point --resume-source
 echo "SOURCE_STATUS=$(vmm status dev -o json | grep '"status"' | tr -d ' ,')"
-t0=$(now); run LEFT vmm snapshot restore branch-point --into left; echo "T_RESTORE_LEFT=$(el $t0)"
+t0=$(now); run LEFT vmm snapshot restore branch-point --into left; echo "T_RESTORE_LEFT=$(since $t0)"
 run RIGHT vmm use right --snapshot branch-point -- sh -c 'echo right >> /root/branch.txt'
 vmm use left -- sh -c 'echo left >> /root/branch.txt'
 run LEFT_FILE vmm use left -- cat /root/branch.txt
@@ -93,9 +84,9 @@ vmm rm -f fresh
 
 # 5. A diff snapshot on top of with-tool (left's previous snapshot).
 vmm use left -- sh -c 'echo diffdata > /root/diff.txt; echo in-memory > /tmp/mem.txt'
-t0=$(now); run DIFF vmm snapshot save left --name left-diff --type diff --resume-source -o json; echo "T_SAVE_DIFF=$(el $t0)"
+t0=$(now); run DIFF vmm snapshot save left --name left-diff --type diff --resume-source -o json; echo "T_SAVE_DIFF=$(since $t0)"
 echo "LEFT_DISK_SIZE=$(stat -c %s /state/sandboxes/left/disk.ext4)"
-t0=$(now); run FROMDIFF vmm use fromdiff --snapshot left-diff -- sh -c 'cat /root/diff.txt /tmp/mem.txt; /opt/tool/run x'; echo "T_RESTORE_DIFF=$(el $t0)"
+t0=$(now); run FROMDIFF vmm use fromdiff --snapshot left-diff -- sh -c 'cat /root/diff.txt /tmp/mem.txt; /opt/tool/run x'; echo "T_RESTORE_DIFF=$(since $t0)"
 # The page cache dropped, files come from the disk rebuilt from with-tool's disk and left-diff's chunks.
 run FROMDIFF_DISK vmm use fromdiff -- sh -c 'sync; echo 3 > /proc/sys/vm/drop_caches && cat /root/diff.txt && /opt/tool/run x'
 vmm rm -f fromdiff
@@ -167,14 +158,9 @@ echo "LS_END=$(vmm ls | oneline)"
 echo "VMM_PROCS_LEFT=$(ps | grep -c '[v]mm run')"
 "##;
 
-fn marker(run: &NestedRun, key: &str) -> String {
-    run.marker(key)
-        .unwrap_or_else(|| panic!("{}", run.failure(&format!("no {key}= marker"))))
-}
-
 /// Asserts `KEY_EXIT` and that `KEY_OUT` equals `out` (lines joined by '|').
 fn expect(run: &NestedRun, key: &str, code: i32, out: Option<&str>) {
-    let got = marker(run, &format!("{key}_EXIT"));
+    let got = run.get(&format!("{key}_EXIT"));
     let err = run.marker(&format!("{key}_ERR")).unwrap_or_default();
     assert_eq!(
         got,
@@ -185,7 +171,7 @@ fn expect(run: &NestedRun, key: &str, code: i32, out: Option<&str>) {
         ))
     );
     if let Some(out) = out {
-        let got = marker(run, &format!("{key}_OUT"));
+        let got = run.get(&format!("{key}_OUT"));
         assert_eq!(got, out, "{}", run.failure(&format!("{key} stdout")));
     }
 }
@@ -198,7 +184,7 @@ fn err_of(run: &NestedRun, key: &str) -> String {
 fn nested_sandbox_and_snapshot_scenarios() {
     let mut opts = NestedOptions::new("product").timeout(Duration::from_secs(900));
     opts.mem_mib = 3072;
-    let run = run_nested(SCENARIO, opts);
+    let run = run_nested(&format!("{NESTED_LIB}\n{SCENARIO}"), opts);
     run.assert_success();
 
     // 1. use: creation, exit codes, output, env, workdir, stdin.
@@ -253,13 +239,13 @@ fn nested_sandbox_and_snapshot_scenarios() {
     // 5. Diff snapshot: parent recorded, memory and disk restored, and
     // removal honors the dependency.
     expect(&run, "DIFF", 0, None);
-    let diff: Value = serde_json::from_str(&marker(&run, "DIFF_OUT").replace('|', "")).unwrap();
+    let diff: Value = serde_json::from_str(&run.get("DIFF_OUT").replace('|', "")).unwrap();
     assert_eq!(diff["type"], "diff");
     assert_eq!(diff["parent"], "with-tool");
     assert_eq!(diff["status"], "ready");
     expect(&run, "FROMDIFF", 0, Some("diffdata|in-memory|tool-v1 x|"));
     // The diff stores only the disk chunks that changed since with-tool.
-    let disk_size: u64 = marker(&run, "LEFT_DISK_SIZE").parse().unwrap();
+    let disk_size: u64 = run.get("LEFT_DISK_SIZE").parse().unwrap();
     assert_eq!(diff["disk_copy"], "diff", "{diff}");
     let diff_disk = diff["disk_bytes"].as_u64().unwrap();
     assert!(
@@ -273,7 +259,7 @@ fn nested_sandbox_and_snapshot_scenarios() {
     assert!(diff["size_bytes"].as_u64().unwrap() >= diff_disk);
     expect(&run, "FROMDIFF_DISK", 0, Some("diffdata|tool-v1 x|"));
     expect(&run, "DIFF2", 0, None);
-    let diff2: Value = serde_json::from_str(&marker(&run, "DIFF2_OUT").replace('|', "")).unwrap();
+    let diff2: Value = serde_json::from_str(&run.get("DIFF2_OUT").replace('|', "")).unwrap();
     assert_eq!(diff2["parent"], "left-diff");
     assert!(
         diff2["disk_bytes"].as_u64().unwrap() * 16 < disk_size,
@@ -295,7 +281,7 @@ fn nested_sandbox_and_snapshot_scenarios() {
 
     // 6. Disk snapshot.
     expect(&run, "DISK", 0, None);
-    let disk: Value = serde_json::from_str(&marker(&run, "DISK_OUT").replace('|', "")).unwrap();
+    let disk: Value = serde_json::from_str(&run.get("DISK_OUT").replace('|', "")).unwrap();
     assert_eq!(disk["type"], "disk");
     assert!(
         disk["guest_sync"]
@@ -312,14 +298,14 @@ fn nested_sandbox_and_snapshot_scenarios() {
     expect(&run, "AFTER_STOP", 0, Some("on-disk|"));
     // The console log of the second boot (the log starts again per boot).
     run.assert_marker("CONSOLE_READY", "1");
-    assert_eq!(marker(&run, "CONSOLE_TAIL").matches('|').count(), 1);
+    assert_eq!(run.get("CONSOLE_TAIL").matches('|').count(), 1);
     // --follow prints what the guest writes and ends when the sandbox stops.
     expect(&run, "STOP2", 0, None);
     run.assert_marker("FOLLOW_MARK", "1");
     run.assert_marker("FOLLOW_ENDED", "yes");
 
     // 8. Listings.
-    let ls: Value = serde_json::from_str(&marker(&run, "LS_JSON")).unwrap();
+    let ls: Value = serde_json::from_str(&run.get("LS_JSON")).unwrap();
     let names: Vec<&str> = ls
         .as_array()
         .unwrap()
@@ -332,7 +318,7 @@ fn nested_sandbox_and_snapshot_scenarios() {
         .unwrap()
         .iter()
         .all(|s| s["status"] == "running" && s["mem_mib"] == 128));
-    let snaps: Value = serde_json::from_str(&marker(&run, "SNAP_LS_JSON")).unwrap();
+    let snaps: Value = serde_json::from_str(&run.get("SNAP_LS_JSON")).unwrap();
     let snap_names: Vec<&str> = snaps
         .as_array()
         .unwrap()
@@ -345,7 +331,7 @@ fn nested_sandbox_and_snapshot_scenarios() {
         .unwrap()
         .iter()
         .all(|s| s["status"] == "ready" && s["size_bytes"].as_u64().unwrap() > 0));
-    let table = marker(&run, "LS_TABLE");
+    let table = run.get("LS_TABLE");
     let rows: Vec<&str> = table.split('|').filter(|l| !l.is_empty()).collect();
     assert_eq!(
         rows[0].split_whitespace().collect::<Vec<_>>(),
@@ -353,7 +339,7 @@ fn nested_sandbox_and_snapshot_scenarios() {
     );
     assert_eq!(rows.len(), 4, "{table}");
     assert!(rows[1].starts_with("dev ") && rows[1].contains("running"));
-    let stable = marker(&run, "SNAP_LS_TABLE");
+    let stable = run.get("SNAP_LS_TABLE");
     assert!(
         stable.starts_with("NAME") && stable.contains("SANDBOX") && stable.contains("EXPIRES"),
         "{stable}"
@@ -370,7 +356,7 @@ fn nested_sandbox_and_snapshot_scenarios() {
     }
     expect(&run, "BAD_NAME", 1, None);
     expect(&run, "LOGS_EXEC", 0, None);
-    let history = marker(&run, "LOGS_EXEC_OUT");
+    let history = run.get("LOGS_EXEC_OUT");
     assert_eq!(history.matches('|').count(), 2, "{history}");
     assert!(history.contains("exit=0"), "{history}");
 
@@ -383,23 +369,23 @@ fn nested_sandbox_and_snapshot_scenarios() {
     // 11. Schedule: at least one automatic snapshot, ready, and the source
     // still running.
     expect(&run, "SCHED", 0, None);
-    assert!(marker(&run, "SCHED_OUT").starts_with("next snapshot at "));
+    assert!(run.get("SCHED_OUT").starts_with("next snapshot at "));
     expect(&run, "SCHED_OFF", 0, None);
-    let count: u32 = marker(&run, "SCHED_COUNT").parse().unwrap();
-    let ready: u32 = marker(&run, "SCHED_READY").parse().unwrap();
+    let count: u32 = run.get("SCHED_COUNT").parse().unwrap();
+    let ready: u32 = run.get("SCHED_READY").parse().unwrap();
     assert!(
         (1..=3).contains(&count) && ready == count,
         "{}",
         run.failure(&format!(
             "scheduled snapshots: {count}, ready {ready}; log: {}",
-            marker(&run, "SCHED_LOG")
+            run.get("SCHED_LOG")
         ))
     );
     run.assert_marker("RIGHT_AFTER_SCHED", "\"status\":\"running\"");
-    let right_pid = marker(&run, "RIGHT_PID");
+    let right_pid = run.get("RIGHT_PID");
     assert!(!right_pid.is_empty(), "{}", run.failure("no pid of right"));
     assert_eq!(
-        marker(&run, "SCHED_CREATORS").trim(),
+        run.get("SCHED_CREATORS").trim(),
         right_pid,
         "{}",
         run.failure("scheduled snapshots must be taken by the sandbox's VMM")
@@ -419,7 +405,7 @@ fn nested_sandbox_and_snapshot_scenarios() {
     ] {
         println!(
             "nested (not a performance figure): {key} = {} s",
-            marker(&run, key)
+            run.get(key)
         );
     }
 }
