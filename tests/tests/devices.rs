@@ -52,9 +52,19 @@ boot() {
     fi
     echo "BOOT_MS_$NAME=$(( $(uptime_ms) - t0 ))"
 }
-ga() { $VMM agent --uds "$UDS" "$@"; }
+# A failed agent call whose VMM has exited ends the whole scenario (also from inside $(...),
+# hence stderr and `kill $$`) with the VMM's last words: the calls after it could only time out.
+ga() {
+    $VMM agent --uds "$UDS" "$@" && return 0
+    _rc=$?
+    if [ -n "$VMM_PID" ] && ! kill -0 "$VMM_PID" 2>/dev/null; then
+        { dump; echo "FAIL=vmm run ($NAME) exited under the scenario"; } >&2
+        kill "$$"
+    fi
+    return $_rc
+}
 stop() {
-    ga exec -- reboot -f >/dev/null 2>&1
+    $VMM agent --uds "$UDS" exec -- reboot -f >/dev/null 2>&1
     wait "$VMM_PID"; code=$?
     echo "VMM_EXIT_$NAME=$code"
     [ "$code" = 0 ] || { dump; fail "vmm run ($NAME) exited with $code"; }
