@@ -19,7 +19,7 @@ use crate::cpio::CpioWriter;
 use crate::error::{HarnessError, Result};
 use crate::lock::FileLock;
 use crate::paths::{cache_dir, scratch_dir};
-use crate::process::{describe, tail, wait_with_deadline};
+use crate::process::{describe, tail, wait_watched, WaitEnd};
 
 /// Where the guest kernel is inside L1.
 pub const NESTED_GUEST_KERNEL: &str = "/guest/vmlinux";
@@ -33,6 +33,29 @@ pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 root=/dev/vda r
 
 /// Time QEMU gets beyond the script's own timeout to boot L1 and power off.
 const BOOT_MARGIN: Duration = Duration::from_secs(60);
+
+/// L1's init writes a heartbeat line to its second serial port every 5 s; by default this long
+/// without one means L1's kernel hung (QEMU's emulated SVM does that now and then, before or
+/// during any test step).
+const HEARTBEAT_SILENCE: Duration = Duration::from_secs(90);
+
+/// How the test host itself failed a run, independently of what the script did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostFailure {
+    /// QEMU exited without the script's `NESTED-EXIT` (L1's kernel panicked or QEMU died).
+    Died,
+    /// No heartbeat from L1 for [`NestedOptions::heartbeat_silence`]; QEMU was killed.
+    Hung,
+}
+
+impl std::fmt::Display for HostFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostFailure::Died => f.write_str("L1 died before the script finished"),
+            HostFailure::Hung => f.write_str("L1 hung (its heartbeat stopped)"),
+        }
+    }
+}
 
 /// What to put into a nested run.
 #[derive(Debug, Clone)]
@@ -56,6 +79,8 @@ pub struct NestedOptions {
     pub mem_mib: u32,
     /// L1 vCPUs.
     pub cpus: u32,
+    /// How long L1 may go without a heartbeat before the run counts as hung.
+    pub heartbeat_silence: Duration,
 }
 
 impl NestedOptions {
@@ -71,6 +96,7 @@ impl NestedOptions {
             cmdline_extra: String::new(),
             mem_mib: 2048,
             cpus: 2,
+            heartbeat_silence: HEARTBEAT_SILENCE,
         }
     }
 
@@ -350,22 +376,50 @@ pub fn run_nested(script: &str, opts: NestedOptions) -> NestedRun {
 static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// [`run_nested`] returning harness errors instead of panicking; a timeout still panics.
+///
+/// A run the test host itself failed (L1 died or hung, see [`HostFailure`]) says so on stderr
+/// and is run once more in a fresh L1; the script's own failures are never retried.
 pub fn try_run_nested(script: &str, opts: &NestedOptions) -> Result<NestedRun> {
     let host = nested_host();
     let dir = scratch_dir().join("nested");
     std::fs::create_dir_all(&dir).map_err(|e| HarnessError::io("create directory", &dir, e))?;
-    let run_id = format!(
-        "{}-{}-{}",
-        opts.name,
-        std::process::id(),
-        RUN_COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    let initrd = ScratchFile(dir.join(format!("{run_id}.initrd")));
-    let log_path = dir.join(format!("{run_id}.log"));
-    write_initrd(&initrd.0, &host.base_initrd, script, opts)?;
+    let mut first_failure = None;
+    loop {
+        let run_id = format!(
+            "{}-{}-{}",
+            opts.name,
+            std::process::id(),
+            RUN_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let initrd = ScratchFile(dir.join(format!("{run_id}.initrd")));
+        let heartbeat = ScratchFile(dir.join(format!("{run_id}.heartbeat")));
+        let log_path = dir.join(format!("{run_id}.log"));
+        write_initrd(&initrd.0, &host.base_initrd, script, opts)?;
 
-    let _qemu_lock = FileLock::acquire(&cache_dir().join(".lock-nested-qemu"))?;
-    run_qemu(&host.kernel, &initrd.0, &log_path, opts)
+        let _qemu_lock = FileLock::acquire(&cache_dir().join(".lock-nested-qemu"))?;
+        let (mut run, outcome) = run_qemu(&host.kernel, &initrd.0, &heartbeat.0, &log_path, opts)?;
+        let failure = match outcome {
+            Ok(()) => return Ok(run),
+            Err(failure) => failure,
+        };
+        let what = failure.to_string();
+        eprintln!(
+            "{}",
+            run.failure(&format!("{what}: the test host failed, not the script"))
+        );
+        if let Some(first) = first_failure {
+            run.name = format!("{} (second attempt; the first: {first})", run.name);
+            return match failure {
+                HostFailure::Hung => panic!("{}", run.failure(&what)),
+                HostFailure::Died => Ok(run),
+            };
+        }
+        eprintln!(
+            "nested run '{}': running it once more in a fresh L1",
+            opts.name
+        );
+        first_failure = Some(what);
+    }
 }
 
 /// A large scratch file removed when dropped, also on panic (kept when `VMM_TESTS_KEEP` is set).
@@ -379,12 +433,14 @@ impl Drop for ScratchFile {
     }
 }
 
+/// Runs one QEMU; the outcome says whether L1 itself failed the run.
 fn run_qemu(
     kernel: &Path,
     initrd: &Path,
+    heartbeat: &Path,
     log_path: &Path,
     opts: &NestedOptions,
-) -> Result<NestedRun> {
+) -> Result<(NestedRun, std::result::Result<(), HostFailure>)> {
     let script_secs = opts.timeout.as_secs().max(1);
     let append = format!(
         "console=ttyS0 panic=-1 quiet nested.timeout={script_secs} {}",
@@ -402,7 +458,10 @@ fn run_qemu(
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", append.trim()]);
+        .args(["-append", append.trim()])
+        // ttyS0 as -nographic would have it; ttyS1: L1's heartbeat.
+        .args(["-serial", "mon:stdio", "-serial"])
+        .arg(format!("file:{}", heartbeat.display()));
     let what = describe(&cmd);
     let log_file = File::create(log_path).map_err(|e| HarnessError::io("create", log_path, e))?;
 
@@ -450,7 +509,10 @@ fn run_qemu(
         s
     });
 
-    let (status, timed_out) = wait_with_deadline(&mut child, opts.timeout + BOOT_MARGIN, &what)?;
+    let beats = HeartbeatWatch::new(heartbeat);
+    let end = wait_watched(&mut child, opts.timeout + BOOT_MARGIN, &what, || {
+        beats.silent_for() >= opts.heartbeat_silence
+    })?;
     let elapsed = start.elapsed();
     let _ = reader.join();
     let qemu_stderr = stderr_reader.join().unwrap_or_default();
@@ -470,24 +532,65 @@ fn run_qemu(
         qemu_stderr,
         elapsed,
     };
-    if timed_out {
-        panic!(
+    let status = match end {
+        WaitEnd::Exited(status) => status,
+        WaitEnd::Stalled => return Ok((run, Err(HostFailure::Hung))),
+        WaitEnd::TimedOut => panic!(
             "{}",
             run.failure(&format!(
                 "QEMU killed after {:.0}s (script timeout {}s + boot margin)",
                 elapsed.as_secs_f64(),
                 script_secs
             ))
-        );
+        ),
+    };
+    if run.exit_code.is_some() {
+        return Ok((run, Ok(())));
     }
-    if !status.success() && run.exit_code.is_none() {
+    // QEMU could not start L1 at all: not something a second attempt changes.
+    if !status.success() && run.lines.is_empty() {
         return Err(HarnessError::CommandFailed {
             command: what,
             status,
             output: run.failure("QEMU failed"),
         });
     }
-    Ok(run)
+    Ok((run, Err(HostFailure::Died)))
+}
+
+/// When L1's heartbeat file last grew.
+struct HeartbeatWatch<'a> {
+    path: &'a Path,
+    state: Mutex<(u64, Instant)>,
+}
+
+impl<'a> HeartbeatWatch<'a> {
+    fn new(path: &'a Path) -> Self {
+        Self::starting_at(path, Instant::now())
+    }
+
+    fn starting_at(path: &'a Path, start: Instant) -> Self {
+        HeartbeatWatch {
+            path,
+            state: Mutex::new((0, start)),
+        }
+    }
+
+    /// Time since the file last grew (since the watch began if it never did).
+    fn silent_for(&self) -> Duration {
+        self.silent_at(Instant::now())
+    }
+
+    fn silent_at(&self, now: Instant) -> Duration {
+        let len = std::fs::metadata(self.path).map(|m| m.len()).unwrap_or(0);
+        let Ok(mut state) = self.state.lock() else {
+            return Duration::ZERO;
+        };
+        if len != state.0 {
+            *state = (len, now);
+        }
+        now.saturating_duration_since(state.1)
+    }
 }
 
 #[cfg(test)]
@@ -504,6 +607,24 @@ mod tests {
         assert_eq!(marker_value("MY_KVM_OK=1", "KVM_OK"), None);
         assert_eq!(marker_value("x MY_KVM_OK=1 KVM_OK=2", "KVM_OK"), Some("2"));
         assert_eq!(marker_value("nothing", "KVM_OK"), None);
+    }
+
+    #[test]
+    fn heartbeat_silence_counts_from_the_last_growth_of_the_file() {
+        let dir = std::env::temp_dir().join(format!("vmm-hb-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("heartbeat");
+        let t0 = Instant::now();
+        let watch = HeartbeatWatch::starting_at(&path, t0);
+        let s = Duration::from_secs;
+        // No file yet: silent since the watch began.
+        assert_eq!(watch.silent_at(t0 + s(10)), s(10));
+        std::fs::write(&path, "hb\n").unwrap();
+        assert_eq!(watch.silent_at(t0 + s(20)), Duration::ZERO);
+        assert_eq!(watch.silent_at(t0 + s(25)), s(5));
+        std::fs::write(&path, "hb\nhb\n").unwrap();
+        assert_eq!(watch.silent_at(t0 + s(30)), Duration::ZERO);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -62,6 +62,17 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// How a watched wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WaitEnd {
+    /// The child exited by itself.
+    Exited(ExitStatus),
+    /// The deadline passed; the child's process group was killed.
+    TimedOut,
+    /// `stalled` said the child stopped making progress; its process group was killed.
+    Stalled,
+}
+
 /// Waits for `child` up to `timeout`; kills its process group when the time is up.
 /// Returns the exit status and whether it timed out.
 pub(crate) fn wait_with_deadline(
@@ -69,13 +80,31 @@ pub(crate) fn wait_with_deadline(
     timeout: Duration,
     what: &str,
 ) -> Result<(ExitStatus, bool)> {
+    Ok(match wait_watched(child, timeout, what, || false)? {
+        WaitEnd::Exited(status) => (status, false),
+        WaitEnd::TimedOut | WaitEnd::Stalled => (ExitStatus::from_raw(libc::SIGKILL), true),
+    })
+}
+
+/// Waits for `child` up to `timeout`, also killing its process group as soon as `stalled`
+/// returns true (checked between polls).
+pub(crate) fn wait_watched(
+    child: &mut Child,
+    timeout: Duration,
+    what: &str,
+    stalled: impl Fn() -> bool,
+) -> Result<WaitEnd> {
     let deadline = Instant::now() + timeout;
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return Ok((status, false)),
+            Ok(Some(status)) => return Ok(WaitEnd::Exited(status)),
             Ok(None) if Instant::now() >= deadline => {
                 kill_group(child);
-                return Ok((ExitStatus::from_raw(libc::SIGKILL), true));
+                return Ok(WaitEnd::TimedOut);
+            }
+            Ok(None) if stalled() => {
+                kill_group(child);
+                return Ok(WaitEnd::Stalled);
             }
             Ok(None) => std::thread::sleep(POLL),
             Err(e) => {

@@ -75,3 +75,45 @@ fn nested_script_timeout_is_reported() {
     // busybox timeout ends the script with SIGTERM.
     assert_eq!(run.exit_code, Some(143), "{}", run.failure("expected 143"));
 }
+
+/// L1 itself failing (here: a kernel panic on purpose) is retried once in a fresh L1, and a second
+/// failure comes back as a run without an exit status that says both attempts failed.
+#[test]
+fn nested_host_that_dies_is_run_once_more_then_reported() {
+    let run = run_nested(
+        "echo ATTEMPT=1; echo c > /proc/sysrq-trigger; sleep 60; echo AFTER=1",
+        NestedOptions::new("nested_dies")
+            .timeout(Duration::from_secs(120))
+            .without_vmm()
+            .without_guest(),
+    );
+    run.assert_marker("ATTEMPT", "1");
+    assert_eq!(run.marker("AFTER"), None);
+    assert_eq!(run.exit_code, None, "{}", run.failure("expected no exit"));
+    assert!(
+        run.name.contains("second attempt") && run.name.contains("L1 died"),
+        "{}",
+        run.failure("expected the second attempt's report")
+    );
+}
+
+/// An L1 whose heartbeat stops (here: the script kills it) is given up on after the configured
+/// silence, long before the script's timeout, retried once, then reported as hung.
+#[test]
+#[should_panic(expected = "L1 hung (its heartbeat stopped)")]
+fn nested_host_that_hangs_is_stopped_early_run_once_more_then_reported() {
+    let script = r#"
+s=$(pidof sleep); for p in $s; do kill "$(cut -d' ' -f4 /proc/$p/stat)" "$p"; done
+echo KILLED=1; sleep 600
+"#;
+    let _ = run_nested(
+        script,
+        NestedOptions {
+            heartbeat_silence: Duration::from_secs(15),
+            ..NestedOptions::new("nested_hangs")
+                .timeout(Duration::from_secs(600))
+                .without_vmm()
+                .without_guest()
+        },
+    );
+}
