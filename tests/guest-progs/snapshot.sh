@@ -27,6 +27,8 @@ dead() {
 }
 
 # --- Phase 0: boot, start a counting loop and a long-lived agent connection, snapshot --------
+# Two vCPUs: the state of every vCPU must round-trip.
+VCPUS=2
 boot_guest0
 cat > $W/loop.sh <<'EOF'
 echo $$ > /tmp/loop.pid

@@ -463,6 +463,10 @@ fn nested_snapshot_of_a_restored_vm_is_identical() {
          explain; first at:\n{}",
         unexplained.join("\n")
     );
+    // The guest runs 2 vCPUs (snapshot.sh): both are in both states.
+    for state in [&a, &b] {
+        assert_eq!(state.payload["vcpus"].as_array().map(Vec::len), Some(2));
+    }
     // Every vCPU register set except MSRs and LAPIC (handled above) is equal outright.
     for (i, (va, vb)) in a.payload["vcpus"]
         .as_array()
