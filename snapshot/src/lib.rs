@@ -13,8 +13,8 @@ pub use atomic::{write_atomic, AtomicWriteError};
 pub use format::{decode, encode, load_state, save_state, FormatError, StateFileError};
 pub use memory::{
     begin_live, merge_diff, prepare_live, read_into, write_diff, write_full, write_full_with,
-    DirtyBitmap, DirtyBitmapError, LiveCopy, LiveError, LiveJob, LivePrepared, LiveStats,
-    MemoryError, MemoryLayout, MemoryWriteStats, RegionLayout, ScanMode, PAGE_SIZE,
+    DiffLayout, DirtyBitmap, DirtyBitmapError, LiveCopy, LiveError, LiveJob, LivePrepared,
+    LiveStats, MemoryError, MemoryLayout, MemoryWriteStats, RegionLayout, ScanMode, PAGE_SIZE,
 };
 
 /// Save and restore of one component's state.

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use snapshot::{DirtyBitmap, MemoryLayout, MemoryWriteStats};
+use snapshot::{DiffLayout, DirtyBitmap, MemoryLayout, MemoryWriteStats};
 use vm_memory::GuestMemoryBackend;
 
 use crate::arch::vcpu_state::{self, VcpuState};
@@ -48,6 +48,10 @@ pub enum MemoryFile {
     /// The listed pages only; the rest come from the base it was taken on.
     Diff {
         dirty: DirtyBitmap,
+        /// Where the file keeps them (absent in state files written before
+        /// diffs were packed).
+        #[serde(default)]
+        layout: DiffLayout,
     },
 }
 
@@ -143,7 +147,13 @@ impl Microvm {
         let (memory, memory_file) = match (kind, dirty) {
             (SnapshotType::Diff, Some(dirty)) => {
                 let stats = snapshot::write_diff(mem_path, &self.mem, &dirty).map_err(mem_err)?;
-                (stats, MemoryFile::Diff { dirty })
+                (
+                    stats,
+                    MemoryFile::Diff {
+                        dirty,
+                        layout: DiffLayout::Packed,
+                    },
+                )
             }
             (SnapshotType::Diff, None) => return Err(SnapshotError::NoDirtyTracking),
             (SnapshotType::Full | SnapshotType::Live, _) => {
@@ -425,10 +435,10 @@ pub fn merge_diff_snapshot(
     diff_mem: &Path,
 ) -> Result<MemoryWriteStats, MergeError> {
     let mut state: MicrovmState = snapshot::load_state(state_path)?;
-    let MemoryFile::Diff { dirty } = &state.memory_file else {
+    let MemoryFile::Diff { dirty, layout } = &state.memory_file else {
         return Err(MergeError::NotADiff(state_path.to_path_buf()));
     };
-    let stats = snapshot::merge_diff(base_mem, diff_mem, dirty, &state.memory_layout)?;
+    let stats = snapshot::merge_diff(base_mem, diff_mem, dirty, *layout, &state.memory_layout)?;
     state.memory_file = MemoryFile::Full;
     snapshot::save_state(state_path, &state)?;
     Ok(stats)

@@ -1,15 +1,15 @@
-//! Diff memory files: only the pages a dirty bitmap names, at their place in
-//! a full file, and merging one onto its base.
+//! Diff memory files: only the pages a dirty bitmap names, packed back to
+//! back, and merging one onto its base.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryBackend;
 
-use super::full::RunWriter;
-use super::host::{buf_is_zero, zero_range, HostRegion};
+use super::host::{buf_is_zero, zero_range, GatherWriter, HostRegion};
 use super::{
     io_err, DirtyBitmap, MemoryError, MemoryLayout, MemoryWriteStats, MAX_RUN_BYTES, PAGE_SIZE,
 };
@@ -18,12 +18,26 @@ use crate::atomic::write_atomic;
 /// Bytes of diff read per step while merging.
 const MERGE_CHUNK_BYTES: u64 = 8 << 20;
 
-/// Writes the pages `dirty` names to `path`, atomically, each at its offset
-/// in the full layout; the file has the full length and holes elsewhere.
+/// Where a diff file keeps its pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiffLayout {
+    /// Each page at its offset in a full-length file (holes elsewhere): what
+    /// diffs were before [`DiffLayout::Packed`], hence the default for state
+    /// files that do not say.
+    #[default]
+    AtOffsets,
+    /// The n-th page the bitmap names (region by region, in page order) at
+    /// n × 4 KiB: the file is only as large as the diff and is written front
+    /// to back, in a few large writes however scattered the pages are.
+    Packed,
+}
+
+/// Writes the pages `dirty` names to `path`, atomically, in the
+/// [`DiffLayout::Packed`] layout.
 ///
-/// Dirty pages that are now zero are left as holes too: the bitmap (kept in
-/// the snapshot's state), not the file, says which pages the diff carries,
-/// and a hole reads back as the zero page it stands for when merged.
+/// Dirty pages that are now zero are left as holes: the bitmap (kept in the
+/// snapshot's state), not the file, says which pages the diff carries, and a
+/// hole reads back as the zero page it stands for when merged.
 pub fn write_diff<M: GuestMemoryBackend>(
     path: &Path,
     mem: &M,
@@ -37,30 +51,40 @@ pub fn write_diff<M: GuestMemoryBackend>(
         .iter()
         .map(HostRegion::new)
         .collect::<Result<Vec<_>, _>>()?;
-    let total = layout.total_size();
+    let packed_len = dirty.count() * PAGE_SIZE;
     let mut stats = write_atomic(path, |file| {
-        file.set_len(total).map_err(io_err("resize", path, total))?;
+        file.set_len(packed_len)
+            .map_err(io_err("resize", path, packed_len))?;
         let mut stats = MemoryWriteStats::default();
-        for (index, (host, rl)) in hosts.iter().zip(&layout.regions).enumerate() {
-            let mut out = RunWriter::new(file, path, host, rl.file_offset);
-            for (start, len) in dirty.runs(index).max_len(MAX_RUN_BYTES / PAGE_SIZE) {
+        let mut out = GatherWriter::new(file, MAX_RUN_BYTES as usize);
+        // Index of the next page in the packed file.
+        let mut slot = 0u64;
+        for (index, host) in hosts.iter().enumerate() {
+            for (start, len) in dirty.runs(index) {
                 for page in start..start + len {
-                    if host.is_zero((page * PAGE_SIZE) as usize, PAGE_SIZE as usize) {
+                    let offset = (page * PAGE_SIZE) as usize;
+                    if host.is_zero(offset, PAGE_SIZE as usize) {
                         stats.zero_pages_skipped += 1;
                     } else {
-                        out.push(page, &mut stats)?;
+                        let queued = out
+                            .push(host, offset, PAGE_SIZE as usize, slot * PAGE_SIZE)
+                            .map_err(|e| io_err("write", path, out.position())(e))?;
+                        stats.bytes_written += queued as u64;
+                        stats.pages_written += 1;
                     }
+                    slot += 1;
                 }
             }
-            out.finish(&mut stats)?;
         }
+        out.flush()
+            .map_err(|e| io_err("write", path, out.position())(e))?;
         Ok::<_, MemoryError>(stats)
     })?;
     stats.duration = started.elapsed();
     Ok(stats)
 }
 
-/// Applies the diff at `diff_path` (written by [`write_diff`] with `dirty`)
+/// Applies the diff at `diff_path` (written with `dirty` in `diff_layout`)
 /// onto the full memory file at `base_path`, in place, and fsyncs it.
 ///
 /// Dirty pages that are zero become holes in the base (or written zeros where
@@ -72,6 +96,7 @@ pub fn merge_diff(
     base_path: &Path,
     diff_path: &Path,
     dirty: &DirtyBitmap,
+    diff_layout: DiffLayout,
     layout: &MemoryLayout,
 ) -> Result<MemoryWriteStats, MemoryError> {
     let started = Instant::now();
@@ -91,21 +116,32 @@ pub fn merge_diff(
         source,
     })?;
     check_len(&base, base_path, total)?;
-    check_len(&diff, diff_path, total)?;
+    let diff_len = match diff_layout {
+        DiffLayout::AtOffsets => total,
+        DiffLayout::Packed => dirty.count() * PAGE_SIZE,
+    };
+    check_len(&diff, diff_path, diff_len)?;
 
     let mut stats = MemoryWriteStats::default();
     let mut buf = Vec::new();
+    // Index of the run's first page in a packed diff.
+    let mut slot = 0u64;
     for (index, rl) in layout.regions.iter().enumerate() {
         for (start, len) in dirty.runs(index).max_len(MERGE_CHUNK_BYTES / PAGE_SIZE) {
             let offset = start * PAGE_SIZE;
             let bytes = ((start + len) * PAGE_SIZE).min(rl.size) - offset;
             let file_offset = rl.file_offset + offset;
+            let diff_offset = match diff_layout {
+                DiffLayout::AtOffsets => file_offset,
+                DiffLayout::Packed => slot * PAGE_SIZE,
+            };
+            slot += len;
             // At most MERGE_CHUNK_BYTES.
             buf.resize(bytes as usize, 0);
-            diff.read_exact_at(&mut buf, file_offset).map_err(io_err(
+            diff.read_exact_at(&mut buf, diff_offset).map_err(io_err(
                 "read",
                 diff_path,
-                file_offset,
+                diff_offset,
             ))?;
             apply(&base, base_path, &buf, file_offset, &mut stats)?;
         }
@@ -215,18 +251,27 @@ mod tests {
         assert_eq!(stats.zero_pages_skipped, 2);
         assert_eq!(stats.pages_written, dirty.count() - 2);
         assert_eq!(stats.bytes_written, (dirty.count() - 2) * PAGE_SIZE);
+        // Packed: as large as the diff. The zeroed pages are holes at their
+        // slots: 0x3000 is the third dirty page of region 0; A + 0x10000 the
+        // first of region 1, after region 0's 74.
         let (size, allocated) = size_and_allocated(&diff);
-        assert_eq!(size, 20 << 20);
-        assert!(allocated < (1 << 20), "diff allocates {allocated}");
+        assert_eq!(size, dirty.count() * PAGE_SIZE);
+        assert!(allocated <= size, "diff allocates {allocated}");
         let diff_file = File::open(&diff).unwrap();
         let extents = data_extents(&diff_file, 0, size).unwrap();
-        assert!(
-            !extents.iter().any(|&(s, e)| s <= 0x3000 && e >= 0x4000),
-            "the zeroed page should be a hole: {extents:x?}"
-        );
+        for slot in [2, 74] {
+            let hole = (slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE);
+            assert!(
+                !extents.iter().any(|&(s, e)| s < hole.1 && e > hole.0),
+                "slot {slot} should be a hole: {extents:x?}"
+            );
+        }
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        diff_file.read_exact_at(&mut page, 0).unwrap();
+        assert!(page.iter().all(|&b| b == 0x99), "slot 0 holds page 0x1000");
 
         let layout = MemoryLayout::from_memory(&mem);
-        let merged = merge_diff(&base, &diff, &dirty, &layout).unwrap();
+        let merged = merge_diff(&base, &diff, &dirty, DiffLayout::Packed, &layout).unwrap();
         assert_eq!(merged.zero_pages_skipped, 2);
         assert_eq!(merged.pages_written, dirty.count() - 2);
 
@@ -242,12 +287,61 @@ mod tests {
         );
 
         // Merging again changes nothing (idempotent after a crash).
-        merge_diff(&base, &diff, &dirty, &layout).unwrap();
+        merge_diff(&base, &diff, &dirty, DiffLayout::Packed, &layout).unwrap();
         assert_file_equals_memory(&base, &mem);
     }
 
     #[test]
-    fn diff_of_clean_bitmap_is_all_holes() {
+    fn diffs_in_the_older_layout_still_merge() {
+        let dir = TempDir::new().unwrap();
+        let (base, at_offsets) = (dir.as_path().join("base"), dir.as_path().join("old"));
+        let mem = anon_memory(&[(0, 4 << 20), (A, 1 << 20)]);
+        fill_page(&mem, 0x5000, 0x11);
+        write_full(&base, &mem).unwrap();
+        reset_bitmaps(&mem);
+        fill_page(&mem, 0x5000, 0x22);
+        fill_page(&mem, A + 0x3000, 0x33);
+        let mut dirty = DirtyBitmap::clean_for(&mem);
+        dirty.or_with_memory_bitmaps(&mem).unwrap();
+        // A full file holds every page at its offset: an at-offsets diff for
+        // any bitmap.
+        write_full(&at_offsets, &mem).unwrap();
+        let layout = MemoryLayout::from_memory(&mem);
+        let stats = merge_diff(&base, &at_offsets, &dirty, DiffLayout::AtOffsets, &layout).unwrap();
+        assert_eq!(stats.pages_written, 2);
+        assert_file_equals_memory(&base, &mem);
+    }
+
+    #[test]
+    fn scattered_pages_beyond_one_batch_are_packed_in_order() {
+        let dir = TempDir::new().unwrap();
+        let (base, diff) = (dir.as_path().join("base"), dir.as_path().join("diff"));
+        // Every other page of 16 MiB: 2048 pieces that are not adjacent in
+        // memory, more than one pwritev takes.
+        let mem = anon_memory(&[(0, 16 << 20)]);
+        write_full(&base, &mem).unwrap();
+        reset_bitmaps(&mem);
+        for page in (0..4096u64).step_by(2) {
+            fill_page(&mem, page * PAGE_SIZE, (page / 2 % 251) as u8 + 1);
+        }
+        let mut dirty = DirtyBitmap::clean_for(&mem);
+        dirty.or_with_memory_bitmaps(&mem).unwrap();
+        assert_eq!(dirty.count(), 2048);
+        let stats = write_diff(&diff, &mem, &dirty).unwrap();
+        assert_eq!(stats.pages_written, 2048);
+        let packed = std::fs::read(&diff).unwrap();
+        assert_eq!(packed.len() as u64, 2048 * PAGE_SIZE);
+        for (slot, page) in packed.chunks(PAGE_SIZE as usize).enumerate() {
+            let want = (slot % 251) as u8 + 1;
+            assert!(page.iter().all(|&b| b == want), "slot {slot}");
+        }
+        let layout = MemoryLayout::from_memory(&mem);
+        merge_diff(&base, &diff, &dirty, DiffLayout::Packed, &layout).unwrap();
+        assert_file_equals_memory(&base, &mem);
+    }
+
+    #[test]
+    fn diff_of_clean_bitmap_is_empty() {
         let dir = TempDir::new().unwrap();
         let diff = dir.as_path().join("diff");
         let mem = anon_memory(&[(0, 1 << 20)]);
@@ -255,7 +349,7 @@ mod tests {
         let stats = write_diff(&diff, &mem, &DirtyBitmap::clean_for(&mem)).unwrap();
         assert_eq!(stats.pages_written, 0);
         let (size, allocated) = size_and_allocated(&diff);
-        assert_eq!((size, allocated), (1 << 20, 0));
+        assert_eq!((size, allocated), (0, 0));
     }
 
     #[test]
@@ -276,7 +370,7 @@ mod tests {
         let dirty = DirtyBitmap::all_dirty(&layout);
         write_full(&base, &mem).unwrap();
         std::fs::write(&diff, [0u8; 4096]).unwrap();
-        let err = merge_diff(&base, &diff, &dirty, &layout).unwrap_err();
+        let err = merge_diff(&base, &diff, &dirty, DiffLayout::Packed, &layout).unwrap_err();
         assert!(
             matches!(err, MemoryError::FileTooShort { expected, actual: 4096, .. } if expected == 1 << 20),
             "{err}"
@@ -284,11 +378,11 @@ mod tests {
         assert!(err.to_string().contains("diff"), "{err}");
         let missing = dir.as_path().join("missing");
         assert!(matches!(
-            merge_diff(&missing, &diff, &dirty, &layout),
+            merge_diff(&missing, &diff, &dirty, DiffLayout::Packed, &layout),
             Err(MemoryError::Open { .. })
         ));
         assert!(matches!(
-            merge_diff(&base, &diff, &wrong, &layout),
+            merge_diff(&base, &diff, &wrong, DiffLayout::Packed, &layout),
             Err(MemoryError::Bitmap(_))
         ));
         // Unused regions of `other` keep clippy quiet about the binding.

@@ -191,6 +191,131 @@ impl<'a> HostRegion<'a> {
     }
 }
 
+/// Most pieces in one `pwritev` (the kernel's `UIO_MAXIOV`).
+const MAX_IOVECS: usize = 1024;
+
+/// Gathers pieces of guest memory bound for consecutive bytes of a file and
+/// writes each batch with one `pwritev`: many scattered pages cost a few
+/// system calls instead of one each.
+pub(crate) struct GatherWriter<'a> {
+    file: &'a File,
+    /// Pending pieces, in file order; pointers into mappings borrowed for `'a`.
+    iov: Vec<libc::iovec>,
+    /// File offset of the first pending byte.
+    at: u64,
+    /// Pending bytes.
+    pending: usize,
+    /// Largest batch, in bytes.
+    max_batch: usize,
+    _regions: PhantomData<&'a ()>,
+}
+
+impl<'a> GatherWriter<'a> {
+    /// Writes to `file` in batches of at most `max_batch` bytes.
+    pub(crate) fn new(file: &'a File, max_batch: usize) -> Self {
+        Self {
+            file,
+            iov: Vec::new(),
+            at: 0,
+            pending: 0,
+            max_batch,
+            _regions: PhantomData,
+        }
+    }
+
+    /// File offset of the first byte not written yet, for error reports.
+    pub(crate) fn position(&self) -> u64 {
+        self.at
+    }
+
+    /// Queues `len` bytes of `host` at `offset` (clamped to the mapping) for
+    /// `file_offset`, writing out what is pending first if this piece does
+    /// not continue it. Returns the bytes queued.
+    pub(crate) fn push(
+        &mut self,
+        host: &HostRegion<'a>,
+        offset: usize,
+        len: usize,
+        file_offset: u64,
+    ) -> io::Result<usize> {
+        let (offset, len) = host.clamp(offset, len);
+        if len == 0 {
+            return Ok(0);
+        }
+        let continues = file_offset == self.at + self.pending as u64;
+        if !self.iov.is_empty()
+            && (!continues || self.iov.len() >= MAX_IOVECS || self.pending >= self.max_batch)
+        {
+            self.flush()?;
+        }
+        if self.iov.is_empty() {
+            self.at = file_offset;
+        }
+        // SAFETY: `offset..offset+len` lies within the mapping (clamped), which
+        // stays mapped for `'a`.
+        let base = unsafe { host.ptr.add(offset) };
+        match self.iov.last_mut() {
+            // Adjacent in guest memory too: one longer piece.
+            Some(last) if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == base => {
+                last.iov_len += len;
+            }
+            _ => self.iov.push(libc::iovec {
+                iov_base: base.cast::<libc::c_void>(),
+                iov_len: len,
+            }),
+        }
+        self.pending += len;
+        Ok(len)
+    }
+
+    /// Writes everything pending.
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
+        let mut first = 0;
+        while first < self.iov.len() {
+            let pos = to_off_t(self.at, 0)?;
+            let count = (self.iov.len() - first) as libc::c_int;
+            // SAFETY: every iovec points into a guest mapping that outlives
+            // `'a` (see `push`); the kernel only reads from them and reports
+            // faults as EFAULT.
+            let n = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    self.iov[first..].as_ptr(),
+                    count,
+                    pos,
+                )
+            };
+            if n < 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            // Skip what was written; a partial piece keeps its rest.
+            let mut n = n as usize;
+            self.at += n as u64;
+            self.pending -= n;
+            while n > 0 {
+                let piece = &mut self.iov[first];
+                if n >= piece.iov_len {
+                    n -= piece.iov_len;
+                    first += 1;
+                } else {
+                    piece.iov_base = piece.iov_base.cast::<u8>().wrapping_add(n).cast();
+                    piece.iov_len -= n;
+                    n = 0;
+                }
+            }
+        }
+        self.iov.clear();
+        Ok(())
+    }
+}
+
 fn to_off_t(base: u64, done: usize) -> io::Result<libc::off_t> {
     base.checked_add(done as u64)
         .and_then(|v| libc::off_t::try_from(v).ok())

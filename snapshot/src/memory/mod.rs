@@ -2,8 +2,9 @@
 //!
 //! A memory file is all guest regions back to back, region `i` at the sum of
 //! the sizes of regions `0..i` ([`MemoryLayout`]). Full files are sparse: zero
-//! pages are holes. Diff files have the same length and layout but hold only
-//! the pages of a [`DirtyBitmap`]; [`merge_diff`] applies one onto its base.
+//! pages are holes. Diff files hold only the pages of a [`DirtyBitmap`],
+//! packed back to back ([`DiffLayout`]); [`merge_diff`] applies one onto its
+//! base.
 
 mod diff;
 mod dirty;
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::atomic::AtomicWriteError;
 
-pub use diff::{merge_diff, write_diff};
+pub use diff::{merge_diff, write_diff, DiffLayout};
 pub use dirty::{DirtyBitmap, DirtyBitmapError, DirtyRuns};
 pub use full::{read_into, write_full, write_full_with, ScanMode};
 pub use layout::{MemoryLayout, RegionLayout};

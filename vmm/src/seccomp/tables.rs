@@ -372,12 +372,14 @@ const VMM: &[Allow] = &[
     // frames, eventfds; snapshot state and memory files (atomic write: temp
     // file, fsync, rename, fsync of the directory; sparse memory files with
     // ftruncate, fallocate punching holes, lseek SEEK_DATA/SEEK_HOLE;
-    // /proc/self/pagemap to skip unpopulated pages), restore inputs, the
-    // serial log; unlinking stale vsock sockets and temporary files.
+    // /proc/self/pagemap to skip unpopulated pages; diff pages gathered with
+    // pwritev), restore inputs, the serial log; unlinking stale vsock sockets
+    // and temporary files.
     allow!(SYS_openat),
     allow!(SYS_read),
     allow!(SYS_pread64),
     allow!(SYS_pwrite64),
+    allow!(SYS_pwritev),
     allow!(SYS_lseek),
     allow!(SYS_fsync),
     allow!(SYS_fdatasync),
