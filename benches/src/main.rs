@@ -19,6 +19,7 @@ mod machine;
 mod plot;
 mod process;
 mod readme;
+mod ready;
 mod report;
 mod rng;
 mod scenarios;
@@ -140,6 +141,9 @@ struct Args {
     /// Guest running time between the full and the diff snapshot, ms.
     #[arg(long, default_value_t = 100)]
     diff_run_ms: u64,
+    /// restore-ready: the guest program's working set, MiB.
+    #[arg(long, default_value_t = 16)]
+    ready_ws_mib: u64,
     /// Guests restored at once in the clones scenario.
     #[arg(long, default_value_t = 4)]
     clones: usize,
@@ -363,10 +367,18 @@ fn run(args: &Args) -> Result<bool> {
         if scenarios.contains(&Scenario::Boot) {
             records.extend(ctx.boot(&work)?);
         }
+        if scenarios.contains(&Scenario::RestoreReady) && !signals::interrupted() {
+            records.push(ctx.restore_ready(&work));
+        }
         let snap: Vec<Scenario> = scenarios
             .iter()
             .copied()
-            .filter(|s| !matches!(s, Scenario::Boot | Scenario::Devices))
+            .filter(|s| {
+                !matches!(
+                    s,
+                    Scenario::Boot | Scenario::RestoreReady | Scenario::Devices
+                )
+            })
             .collect();
         if !snap.is_empty() {
             records.extend(ctx.snapshot_scenarios(&snap, &work));
@@ -526,6 +538,37 @@ impl Ctx<'_> {
             .collect())
     }
 
+    /// The restore-ready scenario, on its own guest (vmm only).
+    fn restore_ready(&self, work: &Path) -> Record {
+        let a = self.args;
+        let settings = ready::ReadySettings {
+            runs: a.runs.unwrap_or(5),
+            warmup: a.warmup,
+            ws_mib: a.ready_ws_mib,
+            boot_timeout: Duration::from_secs(a.boot_timeout_secs),
+            ready_timeout: Duration::from_secs(a.launch_timeout_secs),
+        };
+        progress!(
+            "restore-ready ({} MiB, {} vCPU): booting the toucher guest ({} MiB working set)",
+            self.spec.mem_mib,
+            self.spec.vcpus,
+            settings.ws_mib
+        );
+        let result = work_dir(work, "ready").and_then(|d| ready::run(self.spec, &settings, &d));
+        let (result, details) = match result {
+            Ok((m, details)) => (Ok(m), details),
+            Err(e) => (Err(e), serde_json::Value::Null),
+        };
+        self.record(
+            Scenario::RestoreReady,
+            "vmm",
+            settings.runs,
+            settings.warmup,
+            result,
+            details,
+        )
+    }
+
     fn snapshot_scenarios(&self, scenarios: &[Scenario], work: &Path) -> Vec<Record> {
         let a = self.args;
         let settings = Settings {
@@ -568,11 +611,7 @@ impl Ctx<'_> {
                 ));
             }
         };
-        let dir = |name: &str| -> Result<PathBuf> {
-            let d = work.join(name);
-            std::fs::create_dir_all(&d).map_err(BenchError::file("creating", &d))?;
-            Ok(d)
-        };
+        let dir = |name: &str| work_dir(work, name);
 
         progress!(
             "booting the vmm guest ({} MiB, {} vCPU)",
@@ -657,6 +696,13 @@ impl Ctx<'_> {
         }
         records
     }
+}
+
+/// `work/name`, created.
+fn work_dir(work: &Path, name: &str) -> Result<PathBuf> {
+    let d = work.join(name);
+    std::fs::create_dir_all(&d).map_err(BenchError::file("creating", &d))?;
+    Ok(d)
 }
 
 fn warm_json(w: &WarmOutcome) -> serde_json::Value {

@@ -22,6 +22,7 @@ pub enum Scenario {
     RestoreFile,
     SnapshotLive,
     RestoreUffd,
+    RestoreReady,
     Clones,
     Devices,
 }
@@ -36,6 +37,7 @@ impl Scenario {
             Scenario::RestoreFile => "restore-file",
             Scenario::SnapshotLive => "snapshot-live",
             Scenario::RestoreUffd => "restore-uffd",
+            Scenario::RestoreReady => "restore-ready",
             Scenario::Clones => "clones",
             Scenario::Devices => "devices",
         }
@@ -55,6 +57,7 @@ impl Scenario {
             Scenario::SnapshotDiff => &[
                 "per run: full snapshot, host rewrites a random fraction of guest pages (same content, guest paused) through the vmm's memory() so its dirty bitmap records them, guest runs, then a diff snapshot",
                 "firecracker: no host writes (its memory is in another process); its diff holds the guest's own writes only",
+                "dense_*: a copy of the guest restored once (kept from run to run, like a sandbox snapshotted now and then) with every page holding data; per run a full snapshot, then a diff after rewriting diff_fraction of the pages at random (scattered 4 KiB pages, the worst case), then one after rewriting as many pages as one contiguous run (dense_contig_*)",
             ],
             Scenario::RestoreFile => &[
                 "memory file restored MAP_PRIVATE from a snapshot just written (warm page cache)",
@@ -69,6 +72,13 @@ impl Scenario {
                 "lazy restore through userfaultfd from the base snapshot; to_running = vCPUs running (first guest instruction), to_output = the guest's first console output",
                 "nows = no working set (pages served on fault; the faults until first output become the working set); ws = that working set prefetched first",
                 "firecracker: its Uffd backend needs an external page-fault handler (not run)",
+            ],
+            Scenario::RestoreReady => &[
+                "its own guest: init is benches/guest/toucher.c, which touches a working set round after round without system calls and counts rounds in a status page; snapshotted mid-round, then restored each way in turn per run",
+                "to_ready = restore start to the guest completing a round begun after the restore (its whole working set back), seen by the host polling the status page every 20 us",
+                "nows = userfaultfd, every page on demand (the faults until ready become the working set); ws = userfaultfd with that working set prefetched before resuming; file = the memory file mapped MAP_PRIVATE",
+                "fault_cost = (nows_to_ready - ws_to_ready) / (nows_faults - ws_faults): what a page served on demand costs the guest beyond a prefetched one",
+                "firecracker: not run (its Uffd backend needs an external page-fault handler, and its guest memory is out of the harness's reach)",
             ],
             Scenario::Clones => &["N guests restored from one snapshot at once; total = common start to the last one running"],
             Scenario::Devices => crate::devices::NOTES,
@@ -135,10 +145,9 @@ fn one_run(
     m: &mut Metrics,
 ) -> Result<()> {
     match scenario {
-        Scenario::Boot | Scenario::Devices => Err(BenchError::Setup(format!(
-            "{} is not a snapshot scenario",
-            scenario.name()
-        ))),
+        Scenario::Boot | Scenario::RestoreReady | Scenario::Devices => Err(BenchError::Setup(
+            format!("{} is not a snapshot scenario", scenario.name()),
+        )),
         Scenario::Pause => pause_run(slot.target.as_mut(), s, m),
         Scenario::SnapshotFull => {
             let files = SnapshotFiles::in_dir(&slot.dir, "full");
@@ -415,7 +424,7 @@ mod tests {
         }
 
         fn dense_diff(
-            &self,
+            &mut self,
             _base: &SnapshotFiles,
             _work: &Path,
             _fraction: f64,

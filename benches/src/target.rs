@@ -129,12 +129,13 @@ pub trait Target {
         work: &Path,
         prefetch: bool,
     ) -> Result<Option<UffdTiming>>;
-    /// On a throwaway copy of `base` (never resumed), with every page of
-    /// memory holding data: a full snapshot, then `fraction` of the pages
-    /// rewritten, then a diff snapshot. None when the target cannot reach
-    /// the guest's memory.
+    /// On a copy of `base` (never resumed; made by the first call and kept
+    /// for the next, like a sandbox snapshotted now and then), with every
+    /// page of memory holding data: a full snapshot, then `fraction` of the
+    /// pages rewritten, then a diff snapshot. None when the target cannot
+    /// reach the guest's memory.
     fn dense_diff(
-        &self,
+        &mut self,
         base: &SnapshotFiles,
         work: &Path,
         fraction: f64,

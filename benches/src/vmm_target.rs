@@ -105,7 +105,7 @@ impl WarmOutcome {
 }
 
 /// Stops a VM's vCPUs when dropped, so an early return never leaks them.
-struct VmGuard(Microvm);
+pub struct VmGuard(pub Microvm);
 
 impl Drop for VmGuard {
     fn drop(&mut self) {
@@ -116,6 +116,8 @@ impl Drop for VmGuard {
 /// The vmm, in-process.
 pub struct VmmTarget {
     vm: Option<VmGuard>,
+    /// The dense copy of `dense_diff`, kept from one run to the next.
+    dense: Option<VmGuard>,
     /// This binary, for process restores.
     bench_exe: PathBuf,
     /// Upper bound for any one restore.
@@ -162,6 +164,7 @@ impl VmmTarget {
         Ok((
             Self {
                 vm: Some(vm),
+                dense: None,
                 bench_exe,
                 launch_timeout,
             },
@@ -430,54 +433,60 @@ impl Target for VmmTarget {
     }
 
     fn dense_diff(
-        &self,
+        &mut self,
         base: &SnapshotFiles,
         work: &Path,
         fraction: f64,
         seed: u64,
     ) -> Result<Option<DenseDiff>> {
-        let params = RestoreParams {
-            state_path: base.state.clone(),
-            memory: MemoryBackend::File(base.mem.clone()),
-            track_dirty_pages: true,
-            serial: SerialOutput::File(work.join("vmm-dense-serial.log")),
-            overrides: Default::default(),
+        if self.dense.is_none() {
+            let params = RestoreParams {
+                state_path: base.state.clone(),
+                memory: MemoryBackend::File(base.mem.clone()),
+                track_dirty_pages: true,
+                serial: SerialOutput::File(work.join("vmm-dense-serial.log")),
+                overrides: Default::default(),
+            };
+            let mut vm =
+                VmGuard(build_from_snapshot(&params).map_err(BenchError::vmm("restoring"))?);
+            vm.0.start_paused()
+                .map_err(|e| BenchError::Vmm(format!("starting the copy paused: {e}")))?;
+            scribble(vm.0.memory(), 1.0, seed, Pattern::Scattered)?;
+            self.dense = Some(vm);
+        }
+        let Some(VmGuard(vm)) = self.dense.as_mut() else {
+            return Err(BenchError::Setup("the dense copy is gone".into()));
         };
-        let mut vm = VmGuard(build_from_snapshot(&params).map_err(BenchError::vmm("restoring"))?);
-        vm.0.start_paused()
-            .map_err(|e| BenchError::Vmm(format!("starting the copy paused: {e}")))?;
-        scribble(vm.0.memory(), 1.0, seed, Pattern::Scattered)?;
         let full_files = SnapshotFiles::in_dir(work, "dense-full");
         let diff_files = SnapshotFiles::in_dir(work, "dense-diff");
         let t = Instant::now();
-        let full =
-            vm.0.snapshot(SnapshotType::Full, &full_files.state, &full_files.mem)
-                .map_err(BenchError::vmm("dense full snapshot"))?;
+        let full = vm
+            .snapshot(SnapshotType::Full, &full_files.state, &full_files.mem)
+            .map_err(BenchError::vmm("dense full snapshot"))?;
         let full_time = t.elapsed();
         let touched = scribble(
-            vm.0.memory(),
+            vm.memory(),
             fraction,
             seed.wrapping_add(1),
             Pattern::Scattered,
         )?;
         let t = Instant::now();
-        let diff =
-            vm.0.snapshot(SnapshotType::Diff, &diff_files.state, &diff_files.mem)
-                .map_err(BenchError::vmm("dense diff snapshot"))?;
+        let diff = vm
+            .snapshot(SnapshotType::Diff, &diff_files.state, &diff_files.mem)
+            .map_err(BenchError::vmm("dense diff snapshot"))?;
         let diff_time = t.elapsed();
         diff_files.remove();
         scribble(
-            vm.0.memory(),
+            vm.memory(),
             fraction,
             seed.wrapping_add(2),
             Pattern::Contiguous,
         )?;
         let t = Instant::now();
-        let contiguous =
-            vm.0.snapshot(SnapshotType::Diff, &diff_files.state, &diff_files.mem)
-                .map_err(BenchError::vmm("dense contiguous diff snapshot"))?;
+        let contiguous = vm
+            .snapshot(SnapshotType::Diff, &diff_files.state, &diff_files.mem)
+            .map_err(BenchError::vmm("dense contiguous diff snapshot"))?;
         let contiguous_time = t.elapsed();
-        drop(vm);
         full_files.remove();
         diff_files.remove();
         Ok(Some(DenseDiff {
@@ -609,6 +618,7 @@ impl Target for VmmTarget {
     }
 
     fn shutdown(&mut self) {
+        self.dense = None;
         self.vm = None;
     }
 }

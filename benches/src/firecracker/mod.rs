@@ -303,7 +303,7 @@ impl Target for FirecrackerTarget {
     }
 
     fn dense_diff(
-        &self,
+        &mut self,
         _base: &SnapshotFiles,
         _work: &Path,
         _fraction: f64,
