@@ -15,7 +15,8 @@
 //! version is known to be supported.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -231,9 +232,16 @@ pub fn save_state<T: Serialize>(path: &Path, state: &T) -> Result<(), StateFileE
     })
 }
 
-/// Reads and decodes the state file at `path`.
+/// Largest state file [`load_state`] reads. Real ones are tens of KiB plus a
+/// diff's dirty page runs; the bound keeps a wrong path (a device, a huge
+/// file) from exhausting memory.
+pub const MAX_STATE_FILE_BYTES: u64 = 256 << 20;
+
+/// Reads and decodes the state file at `path`, which must be a regular file
+/// of at most [`MAX_STATE_FILE_BYTES`] (a FIFO or device is refused without
+/// blocking on it).
 pub fn load_state<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError> {
-    let data = fs::read(path).map_err(|source| StateFileError::Read {
+    let data = read_regular(path, MAX_STATE_FILE_BYTES).map_err(|source| StateFileError::Read {
         path: path.to_path_buf(),
         source,
     })?;
@@ -241,6 +249,35 @@ pub fn load_state<T: DeserializeOwned>(path: &Path) -> Result<T, StateFileError>
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The content of `path`, a regular file of at most `max` bytes; a FIFO or
+/// device is refused without blocking on it, a larger file before reading.
+pub(crate) fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} bytes is more than the {max} such a file can be",
+                meta.len()
+            ),
+        ));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    // One byte past the bound: a file growing meanwhile is still caught.
+    file.take(max + 1).read_to_end(&mut data)?;
+    Ok(data)
 }
 
 fn check_magic(data: &[u8]) -> Result<(), FormatError> {
@@ -504,5 +541,30 @@ mod tests {
             load_state::<State>(&missing),
             Err(StateFileError::Read { .. })
         ));
+    }
+
+    #[test]
+    fn only_bounded_regular_files_are_read() {
+        let dir = TempDir::new().unwrap();
+        // A device would be read forever; a directory is no file either.
+        for path in [Path::new("/dev/zero"), dir.as_path()] {
+            let err = load_state::<State>(path).unwrap_err();
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+        }
+        // A FIFO without a writer is refused at once instead of blocking.
+        let fifo = dir.as_path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo touches nothing else.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = load_state::<State>(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        // A sparse file past the bound is refused before it is read.
+        let big = dir.as_path().join("big");
+        fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_STATE_FILE_BYTES + 1)
+            .unwrap();
+        let err = load_state::<State>(&big).unwrap_err();
+        assert!(err.to_string().contains("more than the"), "{err}");
     }
 }

@@ -5,16 +5,19 @@
 
 pub mod atomic;
 pub mod format;
+pub mod id;
 pub mod memory;
 mod page_bits;
 pub mod uffd;
 
 pub use atomic::{write_atomic, AtomicWriteError};
 pub use format::{decode, encode, load_state, save_state, FormatError, StateFileError};
+pub use id::SnapshotId;
 pub use memory::{
     begin_live, merge_diff, prepare_live, read_into, write_diff, write_full, write_full_with,
     DiffLayout, DirtyBitmap, DirtyBitmapError, LiveCopy, LiveError, LiveJob, LivePrepared,
-    LiveStats, MemoryError, MemoryLayout, MemoryWriteStats, RegionLayout, ScanMode, PAGE_SIZE,
+    LiveStats, MemoryError, MemoryLayout, MemoryWriteStats, MergeIds, RegionLayout, ScanMode,
+    PAGE_SIZE,
 };
 
 /// Save and restore of one component's state.

@@ -152,7 +152,7 @@ stop_vmm $W/a3.sock $P3 VMM3
 # Every differing byte: "offset(1-based) octal octal" lines.
 t=$(now); cmp -l $W/S/memory $W/B/memory >$W/cmp3 2>&1; echo "MEM_CMP=$? $(since $t)s"
 echo "MEM_DIFF_COUNT=$(wc -l <$W/cmp3)"
-echo "MEM_DIFFS=$(head -n 64 $W/cmp3 | tr -s ' \n' '  ')"
+echo "MEM_DIFFS=$(head -n 96 $W/cmp3 | tr -s ' \n' '  ')"
 echo "MEM_SIZES=$(stat -c %s $W/S/memory) $(stat -c %s $W/B/memory) $(du -k $W/S/memory | cut -f1)KiB $(du -k $W/B/memory | cut -f1)KiB"
 # The two state files go to the host for decoding: gzip + base64 over the console, with a
 # checksum. Kernel messages must not interleave with these lines.

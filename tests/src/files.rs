@@ -87,6 +87,30 @@ pub fn names_in(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Bytes at the end of every memory file naming its snapshot: "VMMMEMID", a 16-byte id, a
+/// CRC64 of both.
+pub const MEMORY_TRAILER_LEN: usize = 32;
+
+/// Whether two memory files hold the same guest memory: the same bytes but for the trailers
+/// that name their (different) snapshots, which both must have.
+pub fn same_guest_memory(a: &Path, b: &Path) -> bool {
+    let (da, db) = (
+        fs::read(a).unwrap_or_else(|e| panic!("read {}: {e}", a.display())),
+        fs::read(b).unwrap_or_else(|e| panic!("read {}: {e}", b.display())),
+    );
+    for (path, data) in [(a, &da), (b, &db)] {
+        let at = data.len().saturating_sub(MEMORY_TRAILER_LEN);
+        assert_eq!(
+            data.get(at..at + 8),
+            Some(&b"VMMMEMID"[..]),
+            "{} has no snapshot id trailer",
+            path.display()
+        );
+    }
+    da.len() == db.len()
+        && da[..da.len() - MEMORY_TRAILER_LEN] == db[..db.len() - MEMORY_TRAILER_LEN]
+}
+
 /// Whether two files have the same content.
 pub fn same_content(a: &Path, b: &Path) -> bool {
     use std::io::Read;

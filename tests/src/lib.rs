@@ -29,7 +29,8 @@ pub use artifacts::{
 pub use binaries::{agent_binary, agent_target_dir, try_agent_binary, try_vmm_binary, vmm_binary};
 pub use error::{HarnessError, Result};
 pub use files::{
-    file_len, names_in, read_lossy, same_content, sha256, wait_for_growth, wait_for_text,
+    file_len, names_in, read_lossy, same_content, same_guest_memory, sha256, wait_for_growth,
+    wait_for_text, MEMORY_TRAILER_LEN,
 };
 pub use guest_memory::{fill_zero_pages, largest_region};
 pub use guest_progs::compile_guest_prog;

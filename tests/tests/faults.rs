@@ -27,9 +27,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmm_tests::{
     api, artifacts, cleanup, compile_guest_prog, create_body, encode_state, fault_message as fault,
-    fill_zero_pages, heavy, largest_region, names_in, pause, raw_api, read_state, require_kvm,
-    resume, run_nested, run_with_timeout, scratch, sha256, tail, utf8 as s, vm_state, vmm_binary,
-    NestedOptions, VmmProcess,
+    file_load_body, fill_zero_pages, heavy, largest_region, names_in, pause, raw_api, read_state,
+    require_kvm, resume, run_nested, run_with_timeout, same_content, same_guest_memory, scratch,
+    sha256, tail, utf8 as s, vm_state, vmm_binary, NestedOptions, VmmProcess,
 };
 
 /// How long a VMM may take to open its API socket, and to exit after Stop.
@@ -182,6 +182,135 @@ fn direct_disk_full_during_snapshot_is_reported_and_harmless() {
     assert_eq!(code, 200, "{body}");
     vm.stop(&sock, STOP_WAIT);
     drop(tmpfs);
+    cleanup(&dir);
+}
+
+/// A snapshot takes the dirty pages out of KVM's log before it writes anything: one that then
+/// fails (here: no room for the full snapshot) must keep them for the next diff, or the diff
+/// silently lacks them. And the halves of different snapshots never go together: a diff is
+/// refused before there is a snapshot to be relative to, a state file is not loaded with
+/// another snapshot's memory, and a diff does not merge onto the wrong base.
+#[test]
+fn direct_failed_snapshots_keep_dirty_pages_and_snapshot_halves_match() {
+    let _heavy = heavy();
+    if !require_kvm() {
+        return;
+    }
+    let a = artifacts();
+    let dir = scratch("faults", "ids");
+    let sock = dir.join("vm.sock");
+    let mut vm = VmmProcess::spawn(
+        &dir,
+        "vm",
+        &[
+            "run",
+            "--kernel",
+            s(&a.kernel),
+            "--mem-mib",
+            "256",
+            "--track-dirty-pages",
+            "--serial-log",
+            s(&dir.join("vm.serial")),
+            "--api-sock",
+            s(&sock),
+        ],
+    );
+    vm.wait_api(&sock, API_WAIT);
+    std::thread::sleep(Duration::from_millis(1500));
+    pause(&sock);
+    let snap = |kind: &str, d: &Path| {
+        api(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            Some(&create_body(kind, d)),
+        )
+    };
+
+    // No snapshot yet: nothing for a diff to be relative to.
+    let (code, body) = snap("Diff", &dir.join("early"));
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        fault(&body).contains("take a Full snapshot first"),
+        "{body}"
+    );
+    let s0 = dir.join("s0");
+    let (code, body) = snap("Full", &s0);
+    assert_eq!(code, 200, "{body}");
+
+    // The guest boots on (writing memory); then a full snapshot fails for want of room.
+    resume(&sock);
+    std::thread::sleep(Duration::from_millis(1500));
+    pause(&sock);
+    let mnt = dir.join("mnt");
+    let tmpfs = Tmpfs::mount(&mnt, "1m");
+    let (code, body) = snap("Full", &mnt.join("full"));
+    assert!((400..600).contains(&code), "{code}: {body}");
+    assert!(fault(&body).contains("No space left"), "{body}");
+    drop(tmpfs);
+    // The diff still holds every page written since s0: merged onto s0 it is the memory now.
+    let (d, s2) = (dir.join("d"), dir.join("s2"));
+    let (code, body) = snap("Diff", &d);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = snap("Full", &s2);
+    assert_eq!(code, 200, "{body}");
+    vm.stop(&sock, STOP_WAIT);
+
+    let tool_sock = dir.join("tool.sock");
+    let mut tool = VmmProcess::spawn(&dir, "tool", &["run", "--api-sock", s(&tool_sock)]);
+    tool.wait_api(&tool_sock, API_WAIT);
+    let merge_onto = |base: &Path, name: &str| {
+        let out = dir.join(name);
+        fs::create_dir_all(&out).unwrap();
+        let cp = run_with_timeout(
+            Command::new("cp").args([
+                "--sparse=always",
+                s(&base.join("memory")),
+                s(&out.join("memory")),
+            ]),
+            Duration::from_secs(60),
+        );
+        assert!(cp.success(), "cp: {}", cp.stderr());
+        fs::copy(d.join("vmstate"), out.join("vmstate")).unwrap();
+        let req = format!(
+            r#"{{"base_mem_file_path":"{}","diff_mem_file_path":"{}","snapshot_path":"{}"}}"#,
+            s(&out.join("memory")),
+            s(&d.join("memory")),
+            s(&out.join("vmstate"))
+        );
+        let reply = api(&tool_sock, "PUT", "/snapshot/merge", Some(&req));
+        (out, reply)
+    };
+    let (merged, (code, body)) = merge_onto(&s0, "merged");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        !same_guest_memory(&s0.join("memory"), &merged.join("memory")),
+        "the diff changed nothing"
+    );
+    assert!(
+        same_guest_memory(&merged.join("memory"), &s2.join("memory")),
+        "s0 + the diff taken after a failed snapshot differs from the memory at the diff"
+    );
+    // A diff onto another base than its own is refused, the file left alone.
+    let (wrong, (code, body)) = merge_onto(&s2, "wrong-base");
+    assert_eq!(code, 400, "{body}");
+    assert!(fault(&body).contains("belongs to snapshot"), "{body}");
+    assert!(same_content(&wrong.join("memory"), &s2.join("memory")));
+    // One snapshot's state with another's memory is refused.
+    let (code, body) = api(
+        &tool_sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&file_load_body(
+            &s0.join("vmstate"),
+            &s2.join("memory"),
+            false,
+        )),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(fault(&body).contains("belongs to snapshot"), "{body}");
+    assert_eq!(vm_state(&tool_sock), "NotLoaded");
+    tool.stop(&tool_sock, STOP_WAIT);
     cleanup(&dir);
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmm_tests::{
     api, artifacts, cleanup, create_snapshot, decode_state, file_load_body, fill_zero_pages, heavy,
-    largest_region, pause, read_lossy, read_state, require_kvm, reseal, resume, same_content,
+    largest_region, pause, read_lossy, read_state, require_kvm, reseal, resume, same_guest_memory,
     scratch, sha256, tail, try_api, utf8 as s, vm_state, wait_for_text, VmmProcess, CRC_LEN,
     HEADER_LEN,
 };
@@ -382,11 +382,11 @@ fn direct_diff_snapshot_merges_into_a_loadable_full_one() {
     let (code, stats, took) = &b.merge;
     assert_eq!(*code, 200, "merge: {stats}");
     assert!(
-        !same_content(&b.full.join("memory"), &b.merged.join("memory")),
+        !same_guest_memory(&b.full.join("memory"), &b.merged.join("memory")),
         "the diff changed nothing"
     );
     assert!(
-        same_content(&b.merged.join("memory"), &b.at.join("memory")),
+        same_guest_memory(&b.merged.join("memory"), &b.at.join("memory")),
         "P1 memory + diff differs from a full snapshot taken at P2"
     );
     let state = decode_state(

@@ -252,6 +252,7 @@ impl Controller {
     }
 
     fn begin_live(&mut self, p: &CreateSnapshotParams) -> Result<(), ApiFailure> {
+        check_output_dirs(p)?;
         let vm = self.vm_mut()?;
         vm.begin_live_snapshot(&p.snapshot_path, &p.mem_file_path)
             .map(|_| ())
@@ -264,12 +265,14 @@ impl Controller {
     }
 
     fn create_snapshot(&mut self, p: &CreateSnapshotParams) -> ApiReply {
+        check_output_dirs(p)?;
         let vm = self.vm_mut()?;
         let stats = vm
             .snapshot(p.snapshot_type, &p.snapshot_path, &p.mem_file_path)
             .map_err(|e| match e {
                 crate::snapshot::SnapshotError::NotPaused(_)
-                | crate::snapshot::SnapshotError::NoDirtyTracking => {
+                | crate::snapshot::SnapshotError::NoDirtyTracking
+                | crate::snapshot::SnapshotError::NoDiffBase => {
                     ApiFailure::bad_request(e.to_string())
                 }
                 other => ApiFailure::internal(other.to_string()),
@@ -324,6 +327,34 @@ impl Controller {
         self.adopt(vm);
         Ok(Value::Null)
     }
+}
+
+/// The snapshot's files go into existing directories: a typo is the
+/// caller's error, said before anything is taken.
+fn check_output_dirs(p: &CreateSnapshotParams) -> Result<(), ApiFailure> {
+    for (what, path) in [
+        ("snapshot_path", &p.snapshot_path),
+        ("mem_file_path", &p.mem_file_path),
+    ] {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(ApiFailure::bad_request(format!(
+                "{what} {}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            )));
+        }
+        if path.is_dir() {
+            return Err(ApiFailure::bad_request(format!(
+                "{what} {} is a directory",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn merge(p: &MergeDiffParams) -> ApiReply {

@@ -86,6 +86,11 @@ pub struct Microvm {
     pub(crate) lazy: Option<LazyMemory>,
     /// A live snapshot being written.
     pub(crate) live: Option<crate::live_snapshot::LiveSnapshot>,
+    /// The snapshot this VM's dirty pages are counted from: the last one
+    /// taken, or the one it was restored from.
+    pub(crate) dirty_baseline: Option<snapshot::SnapshotId>,
+    /// Dirty pages a snapshot took from KVM's log but did not save.
+    pub(crate) carried_dirty: Option<snapshot::DirtyBitmap>,
 }
 
 impl Microvm {
@@ -114,6 +119,8 @@ impl Microvm {
             msr_indices: parts.msr_indices,
             lazy: parts.lazy,
             live: None,
+            dirty_baseline: None,
+            carried_dirty: None,
         })
     }
 

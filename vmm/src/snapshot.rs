@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use snapshot::{DiffLayout, DirtyBitmap, MemoryLayout, MemoryWriteStats};
+use snapshot::{DiffLayout, DirtyBitmap, MemoryLayout, MemoryWriteStats, SnapshotId};
 use vm_memory::GuestMemoryBackend;
 
 use crate::arch::vcpu_state::{self, VcpuState};
@@ -52,6 +52,10 @@ pub enum MemoryFile {
         /// diffs were packed).
         #[serde(default)]
         layout: DiffLayout,
+        /// The snapshot the pages changed since: the only base it merges
+        /// onto (absent in state files written before snapshots had ids).
+        #[serde(default)]
+        base: Option<SnapshotId>,
     },
 }
 
@@ -60,6 +64,10 @@ pub enum MemoryFile {
 pub struct MicrovmState {
     /// The vmm version that wrote the snapshot.
     pub vmm_version: String,
+    /// This snapshot's id, also at the end of its memory file (absent in
+    /// state files written before snapshots had ids).
+    #[serde(default)]
+    pub id: Option<SnapshotId>,
     /// The configuration the VM was built with.
     pub config: VmConfig,
     pub memory_layout: MemoryLayout,
@@ -76,6 +84,13 @@ pub enum SnapshotError {
     NotPaused(LifecycleState),
     #[error("diff snapshots need dirty page tracking (track_dirty_pages)")]
     NoDirtyTracking,
+    #[error(
+        "a diff snapshot holds the pages changed since an earlier snapshot of this VM (or the \
+         one it was restored from), and there is none: take a Full snapshot first"
+    )]
+    NoDiffBase,
+    #[error("choosing a snapshot id: {0}")]
+    Id(std::io::Error),
     #[error("a live snapshot is taken of a running VM: resume it first")]
     LiveNeedsRunning,
     #[error("a live snapshot is still being written")]
@@ -101,9 +116,10 @@ pub enum SnapshotError {
     StateFile(#[from] snapshot::StateFileError),
 }
 
-/// How long each part of a snapshot took.
+/// Which snapshot was written, and how long each part took.
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotStats {
+    pub id: SnapshotId,
     pub devices_vcpus_vm: Duration,
     pub memory: MemoryWriteStats,
     pub state_file: Duration,
@@ -129,6 +145,11 @@ impl Microvm {
         if kind == SnapshotType::Diff && !self.vm.dirty_tracking() {
             return Err(SnapshotError::NoDirtyTracking);
         }
+        let base = self.dirty_baseline;
+        if kind == SnapshotType::Diff && base.is_none() {
+            return Err(SnapshotError::NoDiffBase);
+        }
+        let id = SnapshotId::random().map_err(SnapshotError::Id)?;
         let (devices, vcpus, vm) = self.capture_state()?;
         let t_state = t0.elapsed();
 
@@ -144,27 +165,35 @@ impl Microvm {
             path: mem_path.to_path_buf(),
             source,
         };
-        let (memory, memory_file) = match (kind, dirty) {
+        let written = match (kind, &dirty) {
             (SnapshotType::Diff, Some(dirty)) => {
-                let stats = snapshot::write_diff(mem_path, &self.mem, &dirty).map_err(mem_err)?;
-                (
-                    stats,
-                    MemoryFile::Diff {
-                        dirty,
+                snapshot::write_diff(mem_path, &self.mem, dirty, &id).map(|stats| {
+                    let file = MemoryFile::Diff {
+                        dirty: dirty.clone(),
                         layout: DiffLayout::Packed,
-                    },
-                )
+                        base,
+                    };
+                    (stats, file)
+                })
             }
             (SnapshotType::Diff, None) => return Err(SnapshotError::NoDirtyTracking),
+            // A file-mapped (restored) VM's untouched pages are the file's,
+            // not zero: `write_full` scans them by content.
             (SnapshotType::Full | SnapshotType::Live, _) => {
-                // A file-mapped (restored) VM's untouched pages are the
-                // file's, not zero: scan them by content.
-                let stats = snapshot::write_full(mem_path, &self.mem).map_err(mem_err)?;
-                (stats, MemoryFile::Full)
+                snapshot::write_full(mem_path, &self.mem, &id)
+                    .map(|stats| (stats, MemoryFile::Full))
+            }
+        };
+        let (memory, memory_file) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                self.carry_dirty_pages(dirty);
+                return Err(mem_err(e));
             }
         };
         let state = MicrovmState {
             vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            id: Some(id),
             config: self.config.clone(),
             memory_layout: layout,
             memory_file,
@@ -173,8 +202,13 @@ impl Microvm {
             devices,
         };
         let t_file = Instant::now();
-        snapshot::save_state(state_path, &state)?;
+        if let Err(e) = snapshot::save_state(state_path, &state) {
+            self.carry_dirty_pages(dirty);
+            return Err(e.into());
+        }
+        self.snapshot_done(id);
         Ok(SnapshotStats {
+            id,
             devices_vcpus_vm: t_state,
             memory,
             state_file: t_file.elapsed(),
@@ -228,9 +262,11 @@ impl Microvm {
     }
 
     /// Pages written since the last snapshot (KVM's log, which this read
-    /// resets, plus the VMM's own writes), or None without dirty tracking.
+    /// resets, plus the VMM's own writes, plus what an unfinished snapshot
+    /// took), or None without dirty tracking. A snapshot that then fails
+    /// gives them back with [`Microvm::carry_dirty_pages`].
     pub(crate) fn take_dirty_pages(
-        &self,
+        &mut self,
         layout: &MemoryLayout,
     ) -> Result<Option<DirtyBitmap>, SnapshotError> {
         if !self.vm.dirty_tracking() {
@@ -253,7 +289,36 @@ impl Microvm {
         for region in self.mem.iter() {
             region.bitmap().reset();
         }
+        if let Some(carried) = self.carried_dirty.take() {
+            dirty
+                .or_with(&carried)
+                .map_err(|e| SnapshotError::DirtyLog(e.to_string()))?;
+        }
         Ok(Some(dirty))
+    }
+
+    /// Keeps pages taken for a snapshot that did not complete, so the next
+    /// diff still holds them (KVM's log no longer does).
+    pub(crate) fn carry_dirty_pages(&mut self, dirty: Option<DirtyBitmap>) {
+        let Some(dirty) = dirty else {
+            return;
+        };
+        let merged = match self.carried_dirty.take() {
+            // The same VM, so the same layout: keep both.
+            Some(mut carried) => match carried.or_with(&dirty) {
+                Ok(()) => carried,
+                Err(_) => dirty,
+            },
+            None => dirty,
+        };
+        self.carried_dirty = Some(merged);
+    }
+
+    /// A snapshot is complete: later diffs are relative to it.
+    pub(crate) fn snapshot_done(&mut self, id: SnapshotId) {
+        if self.vm.dirty_tracking() {
+            self.dirty_baseline = Some(id);
+        }
     }
 }
 
@@ -340,6 +405,19 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         .memory_layout
         .validate()
         .map_err(|e| RestoreError::Inconsistent(e.to_string()))?;
+    let mem_bytes = state.config.mem_mib << 20;
+    if state.memory_layout.total_size() != mem_bytes {
+        return Err(RestoreError::Inconsistent(format!(
+            "the memory layout holds {} bytes for a {} MiB VM",
+            state.memory_layout.total_size(),
+            state.config.mem_mib
+        )));
+    }
+    check_memory_file(params.memory.path(), &state.memory_layout)?;
+    if let Some(id) = &state.id {
+        snapshot::memory::trailer::check(params.memory.path(), id)
+            .map_err(|e| RestoreError::Inconsistent(e.to_string()))?;
+    }
     if state.vcpus.is_empty() || state.vcpus.len() != usize::from(state.config.vcpus) {
         return Err(RestoreError::Inconsistent(format!(
             "{} vCPU states for a {}-vCPU VM",
@@ -366,7 +444,6 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
             None,
         ),
         MemoryBackend::Uffd { path, options } => {
-            check_memory_file(path, &state.memory_layout)?;
             let ranges: Vec<(u64, u64)> = regions.iter().map(|r| (r.0, r.1)).collect();
             let mem = crate::memory::anonymous_regions(&ranges).map_err(BuildError::from)?;
             let lazy = LazyMemory::start(&mem, path, options)
@@ -402,7 +479,7 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
     })?;
     phase("vCPUs restored");
     let msr_indices = Arc::new(builder::msr_indices(&kvm)?);
-    Ok(Microvm::new(MicrovmParts {
+    let mut microvm = Microvm::new(MicrovmParts {
         config,
         vm,
         mem,
@@ -412,7 +489,12 @@ pub fn build_from_snapshot(params: &RestoreParams) -> Result<Microvm, RestoreErr
         vcpus,
         msr_indices,
         lazy,
-    })?)
+    })?;
+    // Its memory is that snapshot's: diffs of it are relative to it.
+    if let Some(id) = state.id {
+        microvm.snapshot_done(id);
+    }
+    Ok(microvm)
 }
 
 /// Why a diff could not be merged.
@@ -435,10 +517,26 @@ pub fn merge_diff_snapshot(
     diff_mem: &Path,
 ) -> Result<MemoryWriteStats, MergeError> {
     let mut state: MicrovmState = snapshot::load_state(state_path)?;
-    let MemoryFile::Diff { dirty, layout } = &state.memory_file else {
+    let MemoryFile::Diff {
+        dirty,
+        layout,
+        base,
+    } = &state.memory_file
+    else {
         return Err(MergeError::NotADiff(state_path.to_path_buf()));
     };
-    let stats = snapshot::merge_diff(base_mem, diff_mem, dirty, *layout, &state.memory_layout)?;
+    let ids = snapshot::MergeIds {
+        base: *base,
+        diff: state.id,
+    };
+    let stats = snapshot::merge_diff(
+        base_mem,
+        diff_mem,
+        dirty,
+        *layout,
+        &state.memory_layout,
+        ids,
+    )?;
     state.memory_file = MemoryFile::Full;
     snapshot::save_state(state_path, &state)?;
     Ok(stats)

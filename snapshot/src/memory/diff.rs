@@ -10,10 +10,12 @@ use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryBackend;
 
 use super::host::{buf_is_zero, zero_range, GatherWriter, HostRegion};
+use super::trailer;
 use super::{
     io_err, DirtyBitmap, MemoryError, MemoryLayout, MemoryWriteStats, MAX_RUN_BYTES, PAGE_SIZE,
 };
 use crate::atomic::write_atomic;
+use crate::id::SnapshotId;
 
 /// Bytes of diff read per step while merging.
 const MERGE_CHUNK_BYTES: u64 = 8 << 20;
@@ -33,7 +35,7 @@ pub enum DiffLayout {
 }
 
 /// Writes the pages `dirty` names to `path`, atomically, in the
-/// [`DiffLayout::Packed`] layout.
+/// [`DiffLayout::Packed`] layout, ending with snapshot `id`'s trailer.
 ///
 /// Dirty pages that are now zero are left as holes: the bitmap (kept in the
 /// snapshot's state), not the file, says which pages the diff carries, and a
@@ -42,6 +44,7 @@ pub fn write_diff<M: GuestMemoryBackend>(
     path: &Path,
     mem: &M,
     dirty: &DirtyBitmap,
+    id: &SnapshotId,
 ) -> Result<MemoryWriteStats, MemoryError> {
     let started = Instant::now();
     let layout = MemoryLayout::from_memory(mem);
@@ -53,8 +56,7 @@ pub fn write_diff<M: GuestMemoryBackend>(
         .collect::<Result<Vec<_>, _>>()?;
     let packed_len = dirty.count() * PAGE_SIZE;
     let mut stats = write_atomic(path, |file| {
-        file.set_len(packed_len)
-            .map_err(io_err("resize", path, packed_len))?;
+        trailer::write(file, path, packed_len, id)?;
         let mut stats = MemoryWriteStats::default();
         let mut out = GatherWriter::new(file, MAX_RUN_BYTES as usize);
         // Index of the next page in the packed file.
@@ -84,8 +86,21 @@ pub fn write_diff<M: GuestMemoryBackend>(
     Ok(stats)
 }
 
+/// Which snapshots a merge involves, when their files carry ids (files
+/// written before memory files had trailers do not).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MergeIds {
+    /// The snapshot the diff was taken against: the base file must be its.
+    pub base: Option<SnapshotId>,
+    /// The diff snapshot: the diff file must be its, and the merged base
+    /// becomes its full memory file.
+    pub diff: Option<SnapshotId>,
+}
+
 /// Applies the diff at `diff_path` (written with `dirty` in `diff_layout`)
-/// onto the full memory file at `base_path`, in place, and fsyncs it.
+/// onto the full memory file at `base_path`, in place, and fsyncs it. With
+/// `ids`, both files are checked first, and the merged file is marked as the
+/// diff snapshot's.
 ///
 /// Dirty pages that are zero become holes in the base (or written zeros where
 /// the filesystem cannot punch holes). The base is modified in place: if the
@@ -98,6 +113,7 @@ pub fn merge_diff(
     dirty: &DirtyBitmap,
     diff_layout: DiffLayout,
     layout: &MemoryLayout,
+    ids: MergeIds,
 ) -> Result<MemoryWriteStats, MemoryError> {
     let started = Instant::now();
     layout.validate()?;
@@ -121,6 +137,12 @@ pub fn merge_diff(
         DiffLayout::Packed => dirty.count() * PAGE_SIZE,
     };
     check_len(&diff, diff_path, diff_len)?;
+    if let Some(id) = &ids.diff {
+        trailer::check_file(&diff, diff_path, id)?;
+    }
+    if let Some(id) = &ids.base {
+        trailer::check_file(&base, base_path, id)?;
+    }
 
     let mut stats = MemoryWriteStats::default();
     let mut buf = Vec::new();
@@ -145,6 +167,9 @@ pub fn merge_diff(
             ))?;
             apply(&base, base_path, &buf, file_offset, &mut stats)?;
         }
+    }
+    if let Some(id) = &ids.diff {
+        trailer::write(&base, base_path, total, id)?;
     }
     base.sync_all().map_err(io_err("sync", base_path, 0))?;
     stats.duration = started.elapsed();
@@ -205,6 +230,7 @@ mod tests {
     use super::*;
     use crate::memory::host::data_extents;
     use crate::memory::test_util::*;
+    use crate::memory::trailer::TRAILER_LEN;
     use crate::memory::write_full;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryRegion};
     use vmm_sys_util::tempdir::TempDir;
@@ -228,7 +254,7 @@ mod tests {
         fill_page(&mem, 0x2000, 0x22);
         fill_page(&mem, 0x3000, 0x33);
         fill_page(&mem, A + 0x10000, 0x44);
-        write_full(&base, &mem).unwrap();
+        write_full(&base, &mem, &TEST_ID).unwrap();
         reset_bitmaps(&mem);
 
         // Changed, unchanged-but-dirty, non-zero to zero (both regions), new
@@ -246,7 +272,7 @@ mod tests {
         let mut dirty = DirtyBitmap::clean_for(&mem);
         dirty.or_with_memory_bitmaps(&mem).unwrap();
         assert_eq!(dirty.count(), 1 + 1 + 1 + 1 + 1 + 70 + 1);
-        let stats = write_diff(&diff, &mem, &dirty).unwrap();
+        let stats = write_diff(&diff, &mem, &dirty, &TEST_ID).unwrap();
         // The two zeroed pages are holes; the bitmap carries them.
         assert_eq!(stats.zero_pages_skipped, 2);
         assert_eq!(stats.pages_written, dirty.count() - 2);
@@ -255,8 +281,8 @@ mod tests {
         // slots: 0x3000 is the third dirty page of region 0; A + 0x10000 the
         // first of region 1, after region 0's 74.
         let (size, allocated) = size_and_allocated(&diff);
-        assert_eq!(size, dirty.count() * PAGE_SIZE);
-        assert!(allocated <= size, "diff allocates {allocated}");
+        assert_eq!(size, dirty.count() * PAGE_SIZE + TRAILER_LEN);
+        assert!(allocated <= size + 4096, "diff allocates {allocated}");
         let diff_file = File::open(&diff).unwrap();
         let extents = data_extents(&diff_file, 0, size).unwrap();
         for slot in [2, 74] {
@@ -271,11 +297,19 @@ mod tests {
         assert!(page.iter().all(|&b| b == 0x99), "slot 0 holds page 0x1000");
 
         let layout = MemoryLayout::from_memory(&mem);
-        let merged = merge_diff(&base, &diff, &dirty, DiffLayout::Packed, &layout).unwrap();
+        let merged = merge_diff(
+            &base,
+            &diff,
+            &dirty,
+            DiffLayout::Packed,
+            &layout,
+            MergeIds::default(),
+        )
+        .unwrap();
         assert_eq!(merged.zero_pages_skipped, 2);
         assert_eq!(merged.pages_written, dirty.count() - 2);
 
-        write_full(&later_full, &mem).unwrap();
+        write_full(&later_full, &mem, &TEST_ID).unwrap();
         assert!(std::fs::read(&base).unwrap() == std::fs::read(&later_full).unwrap());
         assert_file_equals_memory(&base, &mem);
         // The page that became zero is a hole again in the base.
@@ -287,8 +321,63 @@ mod tests {
         );
 
         // Merging again changes nothing (idempotent after a crash).
-        merge_diff(&base, &diff, &dirty, DiffLayout::Packed, &layout).unwrap();
+        merge_diff(
+            &base,
+            &diff,
+            &dirty,
+            DiffLayout::Packed,
+            &layout,
+            MergeIds::default(),
+        )
+        .unwrap();
         assert_file_equals_memory(&base, &mem);
+    }
+
+    #[test]
+    fn merge_checks_which_snapshots_the_files_belong_to() {
+        let dir = TempDir::new().unwrap();
+        let (base, diff) = (dir.as_path().join("base"), dir.as_path().join("diff"));
+        let (base_id, diff_id, other) = (
+            SnapshotId::from_bytes([1; 16]),
+            SnapshotId::from_bytes([2; 16]),
+            SnapshotId::from_bytes([3; 16]),
+        );
+        let mem = anon_memory(&[(0, 1 << 20)]);
+        fill_page(&mem, 0x1000, 0x11);
+        write_full(&base, &mem, &base_id).unwrap();
+        reset_bitmaps(&mem);
+        fill_page(&mem, 0x1000, 0x22);
+        let mut dirty = DirtyBitmap::clean_for(&mem);
+        dirty.or_with_memory_bitmaps(&mem).unwrap();
+        write_diff(&diff, &mem, &dirty, &diff_id).unwrap();
+        let layout = MemoryLayout::from_memory(&mem);
+        let before = std::fs::read(&base).unwrap();
+        let merge = |ids| merge_diff(&base, &diff, &dirty, DiffLayout::Packed, &layout, ids);
+
+        // A diff taken against another snapshot, or a diff file of another
+        // snapshot, is refused and the base is left as it was.
+        for ids in [
+            MergeIds {
+                base: Some(other),
+                diff: Some(diff_id),
+            },
+            MergeIds {
+                base: Some(base_id),
+                diff: Some(other),
+            },
+        ] {
+            let err = merge(ids).unwrap_err();
+            assert!(matches!(err, MemoryError::WrongSnapshot { .. }), "{err}");
+            assert!(std::fs::read(&base).unwrap() == before);
+        }
+        merge(MergeIds {
+            base: Some(base_id),
+            diff: Some(diff_id),
+        })
+        .unwrap();
+        assert_file_equals_memory(&base, &mem);
+        // The merged file is now the diff snapshot's full memory.
+        trailer::check(&base, &diff_id).unwrap();
     }
 
     #[test]
@@ -297,7 +386,7 @@ mod tests {
         let (base, at_offsets) = (dir.as_path().join("base"), dir.as_path().join("old"));
         let mem = anon_memory(&[(0, 4 << 20), (A, 1 << 20)]);
         fill_page(&mem, 0x5000, 0x11);
-        write_full(&base, &mem).unwrap();
+        write_full(&base, &mem, &TEST_ID).unwrap();
         reset_bitmaps(&mem);
         fill_page(&mem, 0x5000, 0x22);
         fill_page(&mem, A + 0x3000, 0x33);
@@ -305,9 +394,17 @@ mod tests {
         dirty.or_with_memory_bitmaps(&mem).unwrap();
         // A full file holds every page at its offset: an at-offsets diff for
         // any bitmap.
-        write_full(&at_offsets, &mem).unwrap();
+        write_full(&at_offsets, &mem, &TEST_ID).unwrap();
         let layout = MemoryLayout::from_memory(&mem);
-        let stats = merge_diff(&base, &at_offsets, &dirty, DiffLayout::AtOffsets, &layout).unwrap();
+        let stats = merge_diff(
+            &base,
+            &at_offsets,
+            &dirty,
+            DiffLayout::AtOffsets,
+            &layout,
+            MergeIds::default(),
+        )
+        .unwrap();
         assert_eq!(stats.pages_written, 2);
         assert_file_equals_memory(&base, &mem);
     }
@@ -319,7 +416,7 @@ mod tests {
         // Every other page of 16 MiB: 2048 pieces that are not adjacent in
         // memory, more than one pwritev takes.
         let mem = anon_memory(&[(0, 16 << 20)]);
-        write_full(&base, &mem).unwrap();
+        write_full(&base, &mem, &TEST_ID).unwrap();
         reset_bitmaps(&mem);
         for page in (0..4096u64).step_by(2) {
             fill_page(&mem, page * PAGE_SIZE, (page / 2 % 251) as u8 + 1);
@@ -327,29 +424,38 @@ mod tests {
         let mut dirty = DirtyBitmap::clean_for(&mem);
         dirty.or_with_memory_bitmaps(&mem).unwrap();
         assert_eq!(dirty.count(), 2048);
-        let stats = write_diff(&diff, &mem, &dirty).unwrap();
+        let stats = write_diff(&diff, &mem, &dirty, &TEST_ID).unwrap();
         assert_eq!(stats.pages_written, 2048);
         let packed = std::fs::read(&diff).unwrap();
-        assert_eq!(packed.len() as u64, 2048 * PAGE_SIZE);
-        for (slot, page) in packed.chunks(PAGE_SIZE as usize).enumerate() {
+        assert_eq!(packed.len() as u64, 2048 * PAGE_SIZE + TRAILER_LEN);
+        for (slot, page) in packed.chunks_exact(PAGE_SIZE as usize).enumerate() {
             let want = (slot % 251) as u8 + 1;
             assert!(page.iter().all(|&b| b == want), "slot {slot}");
         }
         let layout = MemoryLayout::from_memory(&mem);
-        merge_diff(&base, &diff, &dirty, DiffLayout::Packed, &layout).unwrap();
+        merge_diff(
+            &base,
+            &diff,
+            &dirty,
+            DiffLayout::Packed,
+            &layout,
+            MergeIds::default(),
+        )
+        .unwrap();
         assert_file_equals_memory(&base, &mem);
     }
 
     #[test]
-    fn diff_of_clean_bitmap_is_empty() {
+    fn diff_of_clean_bitmap_holds_only_its_id() {
         let dir = TempDir::new().unwrap();
         let diff = dir.as_path().join("diff");
         let mem = anon_memory(&[(0, 1 << 20)]);
         fill_page(&mem, 0, 1);
-        let stats = write_diff(&diff, &mem, &DirtyBitmap::clean_for(&mem)).unwrap();
+        let stats = write_diff(&diff, &mem, &DirtyBitmap::clean_for(&mem), &TEST_ID).unwrap();
         assert_eq!(stats.pages_written, 0);
         let (size, allocated) = size_and_allocated(&diff);
-        assert_eq!((size, allocated), (0, 0));
+        assert_eq!(size, TRAILER_LEN, "only the snapshot id");
+        assert!(allocated <= 4096, "{allocated}");
     }
 
     #[test]
@@ -361,16 +467,24 @@ mod tests {
         let other = anon_memory(&[(0, 2 << 20)]);
         let wrong = DirtyBitmap::clean_for(&other);
         assert!(matches!(
-            write_diff(&diff, &mem, &wrong),
+            write_diff(&diff, &mem, &wrong, &TEST_ID),
             Err(MemoryError::Bitmap(_))
         ));
         assert!(!diff.exists());
 
         let layout = MemoryLayout::from_memory(&mem);
         let dirty = DirtyBitmap::all_dirty(&layout);
-        write_full(&base, &mem).unwrap();
+        write_full(&base, &mem, &TEST_ID).unwrap();
         std::fs::write(&diff, [0u8; 4096]).unwrap();
-        let err = merge_diff(&base, &diff, &dirty, DiffLayout::Packed, &layout).unwrap_err();
+        let err = merge_diff(
+            &base,
+            &diff,
+            &dirty,
+            DiffLayout::Packed,
+            &layout,
+            MergeIds::default(),
+        )
+        .unwrap_err();
         assert!(
             matches!(err, MemoryError::FileTooShort { expected, actual: 4096, .. } if expected == 1 << 20),
             "{err}"
@@ -378,11 +492,25 @@ mod tests {
         assert!(err.to_string().contains("diff"), "{err}");
         let missing = dir.as_path().join("missing");
         assert!(matches!(
-            merge_diff(&missing, &diff, &dirty, DiffLayout::Packed, &layout),
+            merge_diff(
+                &missing,
+                &diff,
+                &dirty,
+                DiffLayout::Packed,
+                &layout,
+                MergeIds::default()
+            ),
             Err(MemoryError::Open { .. })
         ));
         assert!(matches!(
-            merge_diff(&base, &diff, &wrong, DiffLayout::Packed, &layout),
+            merge_diff(
+                &base,
+                &diff,
+                &wrong,
+                DiffLayout::Packed,
+                &layout,
+                MergeIds::default()
+            ),
             Err(MemoryError::Bitmap(_))
         ));
         // Unused regions of `other` keep clippy quiet about the binding.

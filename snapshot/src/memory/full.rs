@@ -8,10 +8,12 @@ use std::time::Instant;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::host::{data_extents, HostRegion};
+use super::trailer;
 use super::{
     io_err, pages_in, MemoryError, MemoryLayout, MemoryWriteStats, MAX_RUN_BYTES, PAGE_SIZE,
 };
 use crate::atomic::write_atomic;
+use crate::id::SnapshotId;
 
 /// Pages looked up in `/proc/self/pagemap` per read (128 MiB of guest memory,
 /// a 256 KiB buffer).
@@ -36,13 +38,15 @@ pub enum ScanMode {
     ContentOnly,
 }
 
-/// Writes all of `mem` to `path` as a sparse file, atomically; see
-/// [`ScanMode::Auto`] for how zero pages are found.
+/// Writes all of `mem` to `path` as a sparse file ending with snapshot
+/// `id`'s trailer, atomically; see [`ScanMode::Auto`] for how zero pages are
+/// found.
 pub fn write_full<M: GuestMemoryBackend>(
     path: &Path,
     mem: &M,
+    id: &SnapshotId,
 ) -> Result<MemoryWriteStats, MemoryError> {
-    write_full_with(path, mem, ScanMode::Auto)
+    write_full_with(path, mem, ScanMode::Auto, id)
 }
 
 /// Writes all of `mem` to `path` as a sparse file, atomically, finding zero
@@ -54,6 +58,7 @@ pub fn write_full_with<M: GuestMemoryBackend>(
     path: &Path,
     mem: &M,
     mode: ScanMode,
+    id: &SnapshotId,
 ) -> Result<MemoryWriteStats, MemoryError> {
     let started = Instant::now();
     let layout = MemoryLayout::from_memory(mem);
@@ -71,7 +76,7 @@ pub fn write_full_with<M: GuestMemoryBackend>(
 
     let total = layout.total_size();
     let mut stats = write_atomic(path, |file| {
-        file.set_len(total).map_err(io_err("resize", path, total))?;
+        trailer::write(file, path, total, id)?;
         let mut stats = MemoryWriteStats::default();
         for ((region, host), rl) in mem.iter().zip(&hosts).zip(&layout.regions) {
             let pagemap = pagemap.as_ref().filter(|_| region.file_offset().is_none());
@@ -302,7 +307,7 @@ mod tests {
         fill_page(&mem, 0x20_0000, 0x44);
         fill_page(&mem, 0x20_0000, 0);
 
-        let stats = write_full(&path, &mem).unwrap();
+        let stats = write_full(&path, &mem, &TEST_ID).unwrap();
         let total_pages = (72 << 20) / 4096;
         assert_eq!(stats.pages_written, 1 + 1 + 3 + 1 + 1);
         assert_eq!(stats.bytes_written, stats.pages_written * 4096);
@@ -316,11 +321,11 @@ mod tests {
         );
         assert_file_equals_memory(&path, &mem);
         let (size, allocated) = size_and_allocated(&path);
-        assert_eq!(size, 72 << 20);
-        assert!(allocated <= 64 * 4096, "allocated {allocated} bytes");
-        // Exactly the written pages are data.
+        assert_eq!(size, (72 << 20) + trailer::TRAILER_LEN);
+        assert!(allocated <= 65 * 4096, "allocated {allocated} bytes");
+        // Exactly the written pages are data (before the trailer).
         let file = File::open(&path).unwrap();
-        let extents = data_extents(&file, 0, size).unwrap();
+        let extents = data_extents(&file, 0, 72 << 20).unwrap();
         let data: u64 = extents.iter().map(|(s, e)| e - s).sum();
         assert_eq!(data, stats.bytes_written, "{extents:x?}");
 
@@ -337,8 +342,8 @@ mod tests {
         fill_page(&mem, 0x3000, 0x55);
         let auto = dir.as_path().join("auto");
         let scan = dir.as_path().join("scan");
-        let a = write_full(&auto, &mem).unwrap();
-        let s = write_full_with(&scan, &mem, ScanMode::ContentOnly).unwrap();
+        let a = write_full(&auto, &mem, &TEST_ID).unwrap();
+        let s = write_full_with(&scan, &mem, ScanMode::ContentOnly, &TEST_ID).unwrap();
         assert_eq!(s.unpopulated_pages, 0);
         assert_eq!(a.pages_written, 1);
         assert_eq!(s.pages_written, 1);
@@ -363,7 +368,7 @@ mod tests {
         fill_page(&mem, 0x80000, 0x77);
 
         let path = dir.as_path().join("memory");
-        let stats = write_full(&path, &mem).unwrap();
+        let stats = write_full(&path, &mem, &TEST_ID).unwrap();
         assert_eq!(stats.unpopulated_pages, 0);
         assert_eq!(stats.pages_written, 4, "{stats:?}");
         assert_file_equals_memory(&path, &mem);
@@ -385,7 +390,7 @@ mod tests {
         let mem = mixed_memory(&backing, 256 << 10, 1 << 20);
         fill_page(&mem, 0x1_0000_0000 + 0x4000, 0x66);
         let path = dir.as_path().join("memory");
-        let stats = write_full(&path, &mem).unwrap();
+        let stats = write_full(&path, &mem, &TEST_ID).unwrap();
         assert_eq!(stats.pages_written, 2);
         assert_file_equals_memory(&path, &mem);
     }
@@ -397,7 +402,7 @@ mod tests {
         std::fs::write(&path, b"previous").unwrap();
         let mem = anon_memory(&[(0, 1 << 20)]);
         let missing = dir.as_path().join("missing-dir").join("memory");
-        let err = write_full(&missing, &mem).unwrap_err();
+        let err = write_full(&missing, &mem, &TEST_ID).unwrap_err();
         assert!(matches!(err, MemoryError::Atomic(_)), "{err}");
         assert!(err.to_string().contains("missing-dir"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"previous");

@@ -32,8 +32,10 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use super::full::{Pagemap, PM_PRESENT, PM_SWAPPED};
 use super::host::HostRegion;
 use super::live_track::{TrackedRange, Tracker};
+use super::trailer;
 use super::{MemoryError, MemoryLayout, MemoryWriteStats, PAGE_SIZE};
 use crate::atomic::PendingFile;
+use crate::id::SnapshotId;
 use crate::page_bits;
 
 /// Pages copied between two looks at pending write faults.
@@ -156,7 +158,7 @@ pub struct LiveCopy<M> {
 /// (not yet visible) file, notes present pages, starts the write tracker and
 /// write-protects guest memory. Pause the VM, then call
 /// [`LivePrepared::freeze`] (or [`LivePrepared::cancel`]).
-pub fn prepare_live<M>(mem: &M, path: &Path) -> Result<LivePrepared<M>, LiveError>
+pub fn prepare_live<M>(mem: &M, path: &Path, id: &SnapshotId) -> Result<LivePrepared<M>, LiveError>
 where
     M: GuestMemoryBackend + Clone + Send + 'static,
 {
@@ -191,14 +193,7 @@ where
         });
     }
     let mut file = PendingFile::create(path).map_err(MemoryError::from)?;
-    file.file()
-        .set_len(layout.total_size())
-        .map_err(|source| MemoryError::Io {
-            op: "resize",
-            path: path.to_path_buf(),
-            offset: 0,
-            source,
-        })?;
+    trailer::write(file.file(), path, layout.total_size(), id)?;
     for r in &regions {
         uffd.register_with_mode(
             r.host_addr as *mut libc::c_void,
@@ -255,11 +250,11 @@ where
 /// notes present pages and creates the (not yet visible) file, all inside
 /// the pause. [`prepare_live`] before the pause and [`LivePrepared::freeze`]
 /// in it do the same with a much shorter pause.
-pub fn begin_live<M>(mem: &M, path: &Path) -> Result<LiveCopy<M>, LiveError>
+pub fn begin_live<M>(mem: &M, path: &Path, id: &SnapshotId) -> Result<LiveCopy<M>, LiveError>
 where
     M: GuestMemoryBackend + Clone + Send + 'static,
 {
-    prepare_live(mem, path)?.freeze()
+    prepare_live(mem, path, id)?.freeze()
 }
 
 impl<M> LivePrepared<M>
@@ -530,7 +525,7 @@ impl LiveJob {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::test_util::{anon_memory, fill_page, private_file_memory, Mem};
+    use crate::memory::test_util::{anon_memory, fill_page, private_file_memory, Mem, TEST_ID};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use vm_memory::{Bytes, GuestAddress};
@@ -550,7 +545,7 @@ mod tests {
             fill_page(&mem, p * PAGE_SIZE, 1);
         }
         let path = tmp("consistent");
-        let copy = begin_live(&mem, &path).unwrap();
+        let copy = begin_live(&mem, &path, &TEST_ID).unwrap();
         // The "guest" resumes and keeps stamping 2 on every page.
         let stop = Arc::new(AtomicBool::new(false));
         let writer = {
@@ -570,7 +565,7 @@ mod tests {
         stop.store(true, Ordering::SeqCst);
         assert!(writer.join().unwrap() > 0);
         let file = std::fs::read(&path).unwrap();
-        assert_eq!(file.len() as u64, PAGES * PAGE_SIZE);
+        assert_eq!(file.len() as u64, PAGES * PAGE_SIZE + trailer::TRAILER_LEN);
         for p in 0..PAGES {
             let page = &file[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize];
             let expected = if p % 2 == 0 { 1 } else { 0 };
@@ -611,7 +606,7 @@ mod tests {
             fill_page(&mem, p * PAGE_SIZE, 1);
         }
         let path = tmp("window");
-        let prepared = prepare_live(&mem, &path).unwrap();
+        let prepared = prepare_live(&mem, &path, &TEST_ID).unwrap();
         // The guest runs on: it rewrites present (protected) pages and
         // populates absent ones (not protected when memory was).
         write_pages(&mem, (0..PAGES).step_by(4), 3);
@@ -626,7 +621,10 @@ mod tests {
         write_pages(&mem, 0..PAGES, 9);
         let stats = job.wait().unwrap();
         let file = std::fs::read(&path).unwrap();
-        assert!(file == expected, "the file is not the image of the pause");
+        assert!(
+            file[..expected.len()] == expected[..],
+            "the file is not the image of the pause"
+        );
         // Rewritten pages, plus every odd page: written, or mapped to the
         // zero page by reading `expected` (present now, so protected too).
         assert_eq!(stats.reprotected_pages, PAGES / 4 + PAGES / 2);
@@ -640,7 +638,7 @@ mod tests {
         let mem = anon_memory(&[(0, 1 << 20)]);
         fill_page(&mem, 0, 1);
         let path = tmp("cancel");
-        let prepared = prepare_live(&mem, &path).unwrap();
+        let prepared = prepare_live(&mem, &path, &TEST_ID).unwrap();
         prepared.cancel();
         write_pages(&mem, 0..256, 2);
         assert!(!path.exists());
@@ -654,7 +652,7 @@ mod tests {
         let mem = anon_memory(&[(0, 1 << 20)]);
         fill_page(&mem, 0, 1);
         let path = tmp("dropped");
-        drop(prepare_live(&mem, &path).unwrap());
+        drop(prepare_live(&mem, &path, &TEST_ID).unwrap());
         // Whether the tracker is still draining or the closed userfaultfd
         // has lifted the protection, writes go through.
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -681,7 +679,7 @@ mod tests {
         let mem = private_file_memory(&backing, 1 << 20);
         let path = backing.with_file_name("out");
         assert!(matches!(
-            begin_live(&mem, &path),
+            begin_live(&mem, &path, &TEST_ID),
             Err(LiveError::FileBacked(0))
         ));
         assert!(!path.exists());

@@ -15,6 +15,7 @@ mod live;
 mod live_track;
 #[cfg(test)]
 pub(crate) mod test_util;
+pub mod trailer;
 
 use std::io;
 use std::path::PathBuf;
@@ -24,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::atomic::AtomicWriteError;
 
-pub use diff::{merge_diff, write_diff, DiffLayout};
+pub use diff::{merge_diff, write_diff, DiffLayout, MergeIds};
 pub use dirty::{DirtyBitmap, DirtyBitmapError, DirtyRuns};
 pub use full::{read_into, write_full, write_full_with, ScanMode};
 pub use layout::{MemoryLayout, RegionLayout};
@@ -118,6 +119,19 @@ pub enum MemoryError {
     /// Replacing the memory file failed.
     #[error(transparent)]
     Atomic(#[from] AtomicWriteError),
+    /// The memory file belongs to another snapshot (or names none).
+    #[error("memory file {path} {} (expected snapshot {expected})", match found {
+        Some(id) => format!("belongs to snapshot {id}"),
+        None => "has no snapshot id".to_string(),
+    })]
+    WrongSnapshot {
+        /// The file.
+        path: PathBuf,
+        /// The snapshot it should belong to.
+        expected: crate::id::SnapshotId,
+        /// The snapshot its trailer names.
+        found: Option<crate::id::SnapshotId>,
+    },
 }
 
 /// What writing or merging a memory file did.

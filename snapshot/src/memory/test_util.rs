@@ -15,6 +15,9 @@ use super::MemoryLayout;
 
 pub(crate) type Mem = GuestMemoryMmap<AtomicBitmap>;
 
+/// The snapshot id test memory files are written with.
+pub(crate) const TEST_ID: crate::id::SnapshotId = crate::id::SnapshotId::from_bytes([0x5a; 16]);
+
 /// Anonymous memory with the VMM's bitmap type, regions `(guest addr, size)`.
 pub(crate) fn anon_memory(ranges: &[(u64, usize)]) -> Mem {
     let ranges: Vec<_> = ranges.iter().map(|&(a, s)| (GuestAddress(a), s)).collect();
@@ -66,11 +69,16 @@ pub(crate) fn memory_bytes(mem: &Mem) -> Vec<u8> {
 pub(crate) fn assert_file_equals_memory(path: &Path, mem: &Mem) {
     let file = std::fs::read(path).unwrap();
     let expected = memory_bytes(mem);
+    let total = MemoryLayout::from_memory(mem).total_size();
     assert_eq!(
         file.len() as u64,
-        MemoryLayout::from_memory(mem).total_size()
+        total + super::trailer::TRAILER_LEN,
+        "guest data and the snapshot id trailer"
     );
-    assert!(file == expected, "file content differs from guest memory");
+    assert!(
+        file[..total as usize] == expected[..],
+        "file content differs from guest memory"
+    );
 }
 
 pub(crate) fn assert_memories_equal(a: &Mem, b: &Mem) {

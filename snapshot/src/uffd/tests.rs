@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::tempdir::TempDir;
 
 use super::*;
-use crate::memory::test_util::{anon_memory, fill_page, memory_bytes, Mem};
+use crate::memory::test_util::{anon_memory, fill_page, memory_bytes, Mem, TEST_ID};
 use crate::memory::{write_full, PAGE_SIZE};
 
 const PAGES: u64 = 256;
@@ -24,7 +24,7 @@ fn make_file(path: &Path) -> Vec<u8> {
     for p in DATA_PAGES {
         fill_page(&src, p * PAGE_SIZE, page_byte(p));
     }
-    write_full(path, &src).unwrap();
+    write_full(path, &src, &TEST_ID).unwrap();
     memory_bytes(&src)
 }
 

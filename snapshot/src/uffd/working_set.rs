@@ -52,9 +52,11 @@ pub fn load(path: &Path, mem_size: u64) -> Result<Vec<u64>, WorkingSetError> {
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|source| WorkingSetError::Io {
-        path: path.to_path_buf(),
-        source,
+    let bytes = crate::format::read_regular(path, 16 + 8 * MAX_PAGES).map_err(|source| {
+        WorkingSetError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     if bytes.len() < 16 || &bytes[..8] != MAGIC {
         return Err(invalid("bad magic".into()));
