@@ -36,26 +36,31 @@ use vmm_tests::{
 const API_WAIT: Duration = Duration::from_secs(30);
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
-/// Boots the guest kernel (no disk) with an API socket, pauses it after `run_for` and takes a
-/// full snapshot into `dir/<name>`; stops the VMM.
-fn boot_and_snapshot(dir: &Path, name: &str, mem_mib: &str, run_for: Duration) -> PathBuf {
+/// Boots the guest kernel (no disk) with an API socket and `extra` arguments, pauses it after
+/// `run_for` and takes a full snapshot into `dir/<name>`; stops the VMM.
+fn boot_and_snapshot(
+    dir: &Path,
+    name: &str,
+    mem_mib: &str,
+    run_for: Duration,
+    extra: &[&str],
+) -> PathBuf {
     let a = artifacts();
     let sock = dir.join(format!("{name}.sock"));
-    let mut vm = VmmProcess::spawn(
-        dir,
-        name,
-        &[
-            "run",
-            "--kernel",
-            s(&a.kernel),
-            "--mem-mib",
-            mem_mib,
-            "--serial-log",
-            s(&dir.join(format!("{name}.serial"))),
-            "--api-sock",
-            s(&sock),
-        ],
-    );
+    let serial = dir.join(format!("{name}.serial"));
+    let mut args = vec![
+        "run",
+        "--kernel",
+        s(&a.kernel),
+        "--mem-mib",
+        mem_mib,
+        "--serial-log",
+        s(&serial),
+        "--api-sock",
+        s(&sock),
+    ];
+    args.extend_from_slice(extra);
+    let mut vm = VmmProcess::spawn(dir, name, &args);
     vm.wait_api(&sock, API_WAIT);
     std::thread::sleep(run_for);
     pause(&sock);
@@ -120,7 +125,7 @@ fn direct_disk_full_during_snapshot_is_reported_and_harmless() {
     }
     let dir = scratch("faults", "enospc");
     // A guest early in boot: its snapshot is small (zero pages are holes).
-    let base = boot_and_snapshot(&dir, "base", "256", Duration::from_millis(1500));
+    let base = boot_and_snapshot(&dir, "base", "256", Duration::from_millis(1500), &[]);
     // The older snapshot: that guest, on the small filesystem.
     let mnt = dir.join("mnt");
     let tmpfs = Tmpfs::mount(&mnt, "24m");
@@ -321,7 +326,7 @@ fn direct_page_server_death_ends_the_vmm_clearly() {
         return;
     }
     let dir = scratch("faults", "uffd");
-    let base = boot_and_snapshot(&dir, "base", "128", Duration::from_millis(1500));
+    let base = boot_and_snapshot(&dir, "base", "128", Duration::from_millis(1500), &[]);
     // A private copy of the memory file the page server will lose.
     let mem = dir.join("memory.lazy");
     fs::copy(base.join("memory"), &mem).unwrap();
@@ -391,7 +396,7 @@ fn direct_100_restores_of_one_snapshot_leave_nothing_behind() {
         return;
     }
     let dir = scratch("faults", "restores");
-    let snap = boot_and_snapshot(&dir, "base", "64", Duration::from_millis(1500));
+    let snap = boot_and_snapshot(&dir, "base", "64", Duration::from_millis(1500), &[]);
     let runs = dir.join("runs");
     fs::create_dir_all(&runs).unwrap();
     let fds_before = own_fds();
@@ -575,7 +580,15 @@ fn direct_resource_limits_from_cli_api_and_snapshot_get_clear_errors() {
     }
 
     // A snapshot file asking for absurd resources: refused clearly before anything is built.
-    let snap = boot_and_snapshot(&dir, "base", "64", Duration::from_millis(1000));
+    // With a vsock device, so the state has a virtio slot to damage.
+    let vsock = format!("cid=3,uds={}", s(&dir.join("base.vsock")));
+    let snap = boot_and_snapshot(
+        &dir,
+        "base",
+        "64",
+        Duration::from_millis(1000),
+        &["--vsock", &vsock],
+    );
     let good = read_state(&snap.join("vmstate"));
     let (version, good) = (good.version, good.payload);
     let edits: Vec<(&str, StateEdit, &str)> = vec![
@@ -603,6 +616,16 @@ fn direct_resource_limits_from_cli_api_and_snapshot_get_clear_errors() {
             "no vcpus",
             Box::new(|v| v["vcpus"] = Value::Array(vec![])),
             "vcpu",
+        ),
+        (
+            "virtio window in RAM",
+            Box::new(|v| v["devices"]["virtio"][0]["base"] = 0x10_0000.into()),
+            "saved at mmio 0x100000",
+        ),
+        (
+            "virtio pin of the serial port",
+            Box::new(|v| v["devices"]["virtio"][0]["irq"] = 4.into()),
+            "irq 4",
         ),
     ];
     for (what, edit, expected) in &edits {

@@ -183,6 +183,20 @@ impl Controller {
     }
 
     fn handle(&mut self, req: ApiRequest) {
+        if let ApiAction::MergeDiff(p) = &req.action {
+            // Gigabytes of file I/O: on a thread of its own, so a running
+            // VM's devices and the API are served meanwhile.
+            let (p, reply) = (p.clone(), req.reply);
+            let spawned = std::thread::Builder::new()
+                .name("merge".into())
+                .spawn(move || {
+                    let _ = reply.send(merge(&p));
+                });
+            if let Err(e) = spawned {
+                log::error!("cannot start a merge thread: {e}");
+            }
+            return;
+        }
         if let ApiAction::CreateSnapshot(p) = &req.action {
             if p.snapshot_type == crate::snapshot::SnapshotType::Live {
                 // Answered when the copy ends; the loop keeps running.
@@ -231,6 +245,7 @@ impl Controller {
             }
             ApiAction::CreateSnapshot(p) => self.create_snapshot(&p),
             ApiAction::LoadSnapshot(p) => self.load_snapshot(&p),
+            // Handled on its own thread (`handle`); kept here for completeness.
             ApiAction::MergeDiff(p) => merge(&p),
             ApiAction::Stop => Ok(Value::Null),
             ApiAction::SaveWorkingSet => {

@@ -368,6 +368,18 @@ impl DeviceManager {
                 id: slot.id.clone(),
                 reason,
             };
+            // Slots are handed out in order at boot; a saved window or pin
+            // anywhere else (a damaged or forged state file) could overlap
+            // RAM or another device.
+            let (base, irq) = self.next_slot(&slot.id)?;
+            if (slot.base, slot.irq) != (base, irq) {
+                return Err(err(format!(
+                    "saved at MMIO {:#x} IRQ {}, but device {} of a VM sits at MMIO {base:#x} IRQ {irq}",
+                    slot.base,
+                    slot.irq,
+                    self.virtio.len()
+                )));
+            }
             let device = match &slot.device {
                 VirtioState::Block(s) => {
                     let args = BlockConstructorArgs {

@@ -55,6 +55,8 @@ pub struct LazyMemory {
     prefetched: u64,
     prefetch_time: Duration,
     recorded: usize,
+    /// The working set was saved (recording is over).
+    saved: bool,
     filler: Option<JoinHandle<Result<u64, uffd::UffdError>>>,
     background_fill: bool,
 }
@@ -81,6 +83,7 @@ impl LazyMemory {
             prefetched: 0,
             prefetch_time: Duration::ZERO,
             recorded: 0,
+            saved: false,
             filler: None,
             background_fill: opts.background_fill,
         };
@@ -135,14 +138,24 @@ impl LazyMemory {
 
     /// Stops recording and writes the working set beside the memory file:
     /// the prefetched set (whose pages never fault) followed by the pages
-    /// that faulted since.
+    /// that faulted since. Once only: a later call (a timed record that
+    /// ended, then the API asking again) returns the saved size and leaves
+    /// the file alone, where writing again would replace it with nothing.
     pub fn save_working_set(&mut self) -> Result<usize, LazyError> {
+        if self.saved {
+            return Ok(self.recorded);
+        }
         self.record_until = None;
         let faulted = self.server.stop_recording();
         let mut pages = std::mem::take(&mut self.prefetched_set);
         let known: std::collections::HashSet<u64> = pages.iter().copied().collect();
         pages.extend(faulted.into_iter().filter(|p| !known.contains(p)));
-        working_set::save(&self.ws_path, &pages)?;
+        if let Err(e) = working_set::save(&self.ws_path, &pages) {
+            // Kept for another try.
+            self.prefetched_set = pages;
+            return Err(e.into());
+        }
+        self.saved = true;
         self.recorded = pages.len();
         log::info!(
             "saved a working set of {} pages to {}",

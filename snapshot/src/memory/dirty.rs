@@ -6,10 +6,10 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{pages_in, MemoryLayout, PAGE_SIZE};
 
-/// Largest region a bitmap accepts from untrusted input (16 TiB of guest
-/// memory, a 512 MiB bitmap), so a damaged state file cannot make us
-/// allocate without bound.
-const MAX_REGION_PAGES: u64 = 1 << 32;
+/// Most pages, all regions together, a bitmap accepts from untrusted input:
+/// 1 TiB of guest memory (the largest guest the vmm builds), a 32 MiB
+/// bitmap, so a damaged state file cannot make us allocate without bound.
+const MAX_REGION_PAGES: u64 = 1 << 28;
 
 /// Why a dirty bitmap was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,8 +72,10 @@ pub enum DirtyBitmapError {
         /// Pages in the region.
         pages: u64,
     },
-    /// A region larger than any guest we support.
-    #[error("dirty bitmap region {region} has {pages} pages, more than the supported {max}")]
+    /// Regions larger, together, than any guest we support.
+    #[error(
+        "dirty bitmap regions up to {region} have {pages} pages, more than the supported {max}"
+    )]
     TooLarge {
         /// Region index.
         region: usize,
@@ -438,15 +440,17 @@ impl TryFrom<BitmapRepr> for DirtyBitmap {
     type Error = DirtyBitmapError;
 
     fn try_from(repr: BitmapRepr) -> Result<Self, DirtyBitmapError> {
+        let mut total = 0u64;
         let regions = repr
             .regions
             .into_iter()
             .enumerate()
             .map(|(region, r)| {
-                if r.pages > MAX_REGION_PAGES {
+                total = total.saturating_add(r.pages);
+                if total > MAX_REGION_PAGES {
                     return Err(DirtyBitmapError::TooLarge {
                         region,
-                        pages: r.pages,
+                        pages: total,
                         max: MAX_REGION_PAGES,
                     });
                 }
@@ -615,6 +619,12 @@ mod tests {
         let huge = r#"{"regions":[{"pages":18446744073709551615,"runs":[]}]}"#;
         let err = serde_json::from_str::<DirtyBitmap>(huge).unwrap_err();
         assert!(err.to_string().contains("more than the supported"), "{err}");
+        // Many regions each within the bound, too many together: refused
+        // before most are allocated.
+        let region = format!(r#"{{"pages":{},"runs":[]}}"#, MAX_REGION_PAGES / 2);
+        let many = format!(r#"{{"regions":[{}]}}"#, vec![region; 1000].join(","));
+        let err = serde_json::from_str::<DirtyBitmap>(&many).unwrap_err();
+        assert!(err.to_string().contains("regions up to 2"), "{err}");
     }
 
     #[test]

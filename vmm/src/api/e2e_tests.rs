@@ -406,6 +406,54 @@ fn slow_and_idle_clients_do_not_block_others() {
     assert_eq!((v.status, v.header("Connection")), (408, Some("close")));
 }
 
+/// A client that always sends its next request with the tail of the last
+/// one is never idle; once another client waits, its next answer closes the
+/// connection, and the other client is served.
+#[test]
+fn a_busy_client_hands_over_to_a_waiting_one() {
+    let t = setup("busy", Timeouts::default());
+    let (mut busy, mut busy_r) = connect(&t.sock);
+    let get = request("GET", "/vm", None);
+    let (head, tail) = get.as_bytes().split_at(5);
+    busy.write_all(head).unwrap();
+    let waiting = {
+        let sock = t.sock.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let (v, _) = one_shot(&sock, request("GET", "/version", None).as_bytes());
+            (v.status, start.elapsed())
+        })
+    };
+    let mut closed = false;
+    for _ in 0..200 {
+        // The rest of this request and the start of the next, together.
+        if busy
+            .write_all(tail)
+            .and_then(|()| busy.write_all(head))
+            .is_err()
+        {
+            closed = true;
+            break;
+        }
+        match read_resp(&mut busy_r) {
+            Some(v) if v.header("Connection") == Some("close") => {
+                closed = true;
+                break;
+            }
+            Some(v) => assert_eq!(v.status, 200),
+            None => {
+                closed = true;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(closed, "the busy client kept the server to itself");
+    let (status, took) = waiting.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
 #[test]
 fn reply_timeout_and_shutdown_while_waiting() {
     let dir = TempDir::new("timeout");

@@ -110,6 +110,39 @@ fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
 mod tests {
     use super::*;
 
+    /// The OpenAPI file documents exactly the routes and methods served.
+    #[test]
+    fn openapi_file_lists_every_route_and_method() {
+        let spec = include_str!("../../api/openapi.yaml");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        let mut path = None;
+        for line in spec.lines() {
+            if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                path = Some(format!("/{p}"));
+            } else if !line.starts_with("    ") && !line.trim().is_empty() {
+                path = None;
+            } else if let (Some(p), Some(m)) = (
+                &path,
+                line.strip_prefix("    ")
+                    .and_then(|l| l.strip_suffix(':'))
+                    .filter(|m| ["get", "put", "patch", "post", "delete"].contains(m)),
+            ) {
+                documented.push((p.clone(), m.to_uppercase()));
+            }
+        }
+        documented.sort();
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .flat_map(|(p, methods)| {
+                methods
+                    .split(", ")
+                    .map(move |m| (p.to_string(), m.to_string()))
+            })
+            .collect();
+        served.sort();
+        assert_eq!(documented, served);
+    }
+
     fn req(method: &str, path: &str, body: &str) -> Request {
         Request {
             method: method.into(),

@@ -238,6 +238,11 @@ impl Worker {
         self.shared.stopping.load(Ordering::SeqCst)
     }
 
+    /// Whether another client is waiting to connect.
+    fn client_waiting(&self) -> bool {
+        wait(&[self.listener.as_raw_fd()], Some(Duration::ZERO)).is_ok_and(|r| r[0])
+    }
+
     fn run(self) {
         let fds = [self.listener.as_raw_fd(), self.shared.stop_evt.as_raw_fd()];
         while !self.stopping() {
@@ -303,7 +308,13 @@ impl Worker {
                     }
                     Progress::Request(req) => {
                         request_deadline = None;
-                        let resp = self.answer(req);
+                        let mut resp = self.answer(req);
+                        // Take turns: a client that always has its next
+                        // request half sent is never idle, so hand over
+                        // after this answer when someone else waits.
+                        if self.client_waiting() {
+                            resp.close = true;
+                        }
                         if let Err(e) = send_all(&conn, &resp.encode()) {
                             log::debug!("API: cannot write a response: {e}");
                             return;

@@ -336,17 +336,25 @@ fn read_packet(
     Ok(hdr)
 }
 
-/// Binds the host listener, replacing a stale socket file.
+/// Binds the host listener, replacing a stale socket file (and nothing
+/// else: a regular file or directory at the path is an error, not data to
+/// delete).
 fn bind_listener(path: &Path) -> Result<UnixListener, VsockError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(VsockError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            })
+    use std::os::unix::fs::FileTypeExt;
+    let stale = |source| VsockError::RemoveStale {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(stale)?,
+        Ok(_) => {
+            return Err(stale(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "it exists and is not a socket",
+            )))
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(stale(source)),
     }
     let listener = UnixListener::bind(path).map_err(|source| VsockError::Bind {
         path: path.to_path_buf(),
@@ -445,5 +453,25 @@ impl VirtioDevice for Vsock {
             log::warn!("vsock: cannot signal the event loop: {e}");
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use super::*;
+
+    #[test]
+    fn only_a_stale_socket_is_replaced() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().unwrap();
+        let path = dir.as_path().join("v.sock");
+        drop(bind_listener(&path).unwrap());
+        // The socket file outlives its listener: a restore binds again.
+        drop(bind_listener(&path).unwrap());
+        // A file that is not a socket is kept, and said so.
+        let file = dir.as_path().join("precious");
+        std::fs::write(&file, b"data").unwrap();
+        let err = bind_listener(&file).unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
     }
 }

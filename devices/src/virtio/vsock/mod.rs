@@ -45,7 +45,7 @@ pub struct VsockConfig {
 pub enum VsockError {
     #[error("guest CID {0} is reserved or out of range (must be 3..=u32::MAX)")]
     InvalidCid(u64),
-    #[error("removing stale vsock socket {}: {source}", path.display())]
+    #[error("replacing the vsock socket {}: {source}", path.display())]
     RemoveStale {
         path: PathBuf,
         source: std::io::Error,
