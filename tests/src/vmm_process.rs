@@ -57,6 +57,38 @@ impl VmmProcess {
         }
     }
 
+    /// `vmm run` of the test guest kernel with `mem_mib` MiB and `extra` arguments, its console
+    /// in `dir/NAME.serial` and its API on `dir/NAME.sock`; waits for the API socket. Returns
+    /// the process, the socket and the console file.
+    pub fn boot_kernel(
+        dir: &Path,
+        name: &str,
+        mem_mib: &str,
+        extra: &[&str],
+        api_wait: Duration,
+    ) -> (VmmProcess, PathBuf, PathBuf) {
+        let kernel = &crate::artifacts::artifacts().kernel;
+        let (sock, serial) = (
+            dir.join(format!("{name}.sock")),
+            dir.join(format!("{name}.serial")),
+        );
+        let mut args = vec![
+            "run",
+            "--kernel",
+            utf8(kernel),
+            "--mem-mib",
+            mem_mib,
+            "--serial-log",
+            utf8(&serial),
+            "--api-sock",
+            utf8(&sock),
+        ];
+        args.extend_from_slice(extra);
+        let mut vm = VmmProcess::spawn(dir, name, &args);
+        vm.wait_api(&sock, api_wait);
+        (vm, sock, serial)
+    }
+
     /// `vmm run --restore SNAP --paused` with its API on `sock` and its console in
     /// `dir/NAME.serial`; waits for the API socket.
     pub fn restore_paused(

@@ -45,23 +45,7 @@ fn boot_and_snapshot(
     run_for: Duration,
     extra: &[&str],
 ) -> PathBuf {
-    let a = artifacts();
-    let sock = dir.join(format!("{name}.sock"));
-    let serial = dir.join(format!("{name}.serial"));
-    let mut args = vec![
-        "run",
-        "--kernel",
-        s(&a.kernel),
-        "--mem-mib",
-        mem_mib,
-        "--serial-log",
-        s(&serial),
-        "--api-sock",
-        s(&sock),
-    ];
-    args.extend_from_slice(extra);
-    let mut vm = VmmProcess::spawn(dir, name, &args);
-    vm.wait_api(&sock, API_WAIT);
+    let (mut vm, sock, _) = VmmProcess::boot_kernel(dir, name, mem_mib, extra, API_WAIT);
     std::thread::sleep(run_for);
     pause(&sock);
     let snap = dir.join(name);
@@ -201,26 +185,9 @@ fn direct_failed_snapshots_keep_dirty_pages_and_snapshot_halves_match() {
     if !require_kvm() {
         return;
     }
-    let a = artifacts();
     let dir = scratch("faults", "ids");
-    let sock = dir.join("vm.sock");
-    let mut vm = VmmProcess::spawn(
-        &dir,
-        "vm",
-        &[
-            "run",
-            "--kernel",
-            s(&a.kernel),
-            "--mem-mib",
-            "256",
-            "--track-dirty-pages",
-            "--serial-log",
-            s(&dir.join("vm.serial")),
-            "--api-sock",
-            s(&sock),
-        ],
-    );
-    vm.wait_api(&sock, API_WAIT);
+    let (mut vm, sock, _) =
+        VmmProcess::boot_kernel(&dir, "vm", "256", &["--track-dirty-pages"], API_WAIT);
     std::thread::sleep(Duration::from_millis(1500));
     pause(&sock);
     let snap = |kind: &str, d: &Path| {

@@ -462,27 +462,8 @@ fn direct_lazy_and_live_restores_of_a_kernel_mid_boot_reach_init() {
     let dir = scratch("lazy", "direct");
     let rootfs = dir.join("rootfs.ext4");
     fs::copy(&a.rootfs, &rootfs).expect("copy rootfs");
-    let (sock, serial) = (dir.join("boot.sock"), dir.join("boot.serial"));
-    let mut boot = VmmProcess::spawn(
-        &dir,
-        "boot",
-        &[
-            "run",
-            "--kernel",
-            s(&a.kernel),
-            "--rootfs",
-            s(&rootfs),
-            "--vcpus",
-            "1",
-            "--mem-mib",
-            "256",
-            "--serial-log",
-            s(&serial),
-            "--api-sock",
-            s(&sock),
-        ],
-    );
-    boot.wait_api(&sock, API_WAIT);
+    let (mut boot, sock, serial) =
+        VmmProcess::boot_kernel(&dir, "boot", "256", &["--rootfs", s(&rootfs)], API_WAIT);
 
     // A live snapshot of the running kernel once its console is up (its first output is the
     // buffered early log, some 8 s of guest CPU time into the boot; the wall time depends on

@@ -26,35 +26,6 @@ use vmm_tests::{
 const API_WAIT: Duration = Duration::from_secs(20);
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
-/// Boots the guest kernel directly (pvm profile) with an API socket.
-fn boot_direct(
-    dir: &Path,
-    name: &str,
-    mem_mib: &str,
-    extra: &[&str],
-) -> (VmmProcess, PathBuf, PathBuf) {
-    let a = artifacts();
-    let sock = dir.join(format!("{name}.sock"));
-    let serial = dir.join(format!("{name}.serial"));
-    let mut args = vec![
-        "run",
-        "--kernel",
-        s(&a.kernel),
-        "--vcpus",
-        "1",
-        "--mem-mib",
-        mem_mib,
-        "--serial-log",
-        s(&serial),
-        "--api-sock",
-        s(&sock),
-    ];
-    args.extend_from_slice(extra);
-    let mut vm = VmmProcess::spawn(dir, name, &args);
-    vm.wait_api(&sock, API_WAIT);
-    (vm, sock, serial)
-}
-
 fn sleep_until(start: Instant, after: Duration) {
     if let Some(d) = after.checked_sub(start.elapsed()) {
         std::thread::sleep(d);
@@ -206,11 +177,12 @@ fn run_direct_boot() -> DirectBoot {
         dir.join("at"),
         dir.join("merged"),
     );
-    let (mut vm, sock, serial) = boot_direct(
+    let (mut vm, sock, serial) = VmmProcess::boot_kernel(
         &dir,
         "boot",
         "256",
         &["--rootfs", s(&rootfs), "--track-dirty-pages"],
+        API_WAIT,
     );
     wait_for_text(&mut vm, &serial, P1_LINE, Duration::from_secs(240));
     pause(&sock);
@@ -414,7 +386,7 @@ fn direct_diff_snapshot_merges_into_a_loadable_full_one() {
 
 /// Boots a small kernel-only guest, pauses it early and snapshots it into `dir/good`.
 fn small_snapshot(dir: &Path, mem_mib: &str) -> PathBuf {
-    let (mut vm, sock, _) = boot_direct(dir, "boot", mem_mib, &[]);
+    let (mut vm, sock, _) = VmmProcess::boot_kernel(dir, "boot", mem_mib, &[], API_WAIT);
     sleep_until(vm.started(), Duration::from_millis(1500));
     pause(&sock);
     let good = dir.join("good");

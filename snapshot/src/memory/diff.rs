@@ -237,6 +237,23 @@ mod tests {
 
     const A: u64 = 0x1_0000_0000;
 
+    /// A packed diff merged without id checks.
+    fn merge_packed(
+        base: &Path,
+        diff: &Path,
+        dirty: &DirtyBitmap,
+        layout: &MemoryLayout,
+    ) -> Result<MemoryWriteStats, MemoryError> {
+        merge_diff(
+            base,
+            diff,
+            dirty,
+            DiffLayout::Packed,
+            layout,
+            MergeIds::default(),
+        )
+    }
+
     fn reset_bitmaps(mem: &Mem) {
         for region in mem.iter() {
             region.get_mmap().bitmap().reset();
@@ -297,15 +314,7 @@ mod tests {
         assert!(page.iter().all(|&b| b == 0x99), "slot 0 holds page 0x1000");
 
         let layout = MemoryLayout::from_memory(&mem);
-        let merged = merge_diff(
-            &base,
-            &diff,
-            &dirty,
-            DiffLayout::Packed,
-            &layout,
-            MergeIds::default(),
-        )
-        .unwrap();
+        let merged = merge_packed(&base, &diff, &dirty, &layout).unwrap();
         assert_eq!(merged.zero_pages_skipped, 2);
         assert_eq!(merged.pages_written, dirty.count() - 2);
 
@@ -321,15 +330,7 @@ mod tests {
         );
 
         // Merging again changes nothing (idempotent after a crash).
-        merge_diff(
-            &base,
-            &diff,
-            &dirty,
-            DiffLayout::Packed,
-            &layout,
-            MergeIds::default(),
-        )
-        .unwrap();
+        merge_packed(&base, &diff, &dirty, &layout).unwrap();
         assert_file_equals_memory(&base, &mem);
     }
 
@@ -433,15 +434,7 @@ mod tests {
             assert!(page.iter().all(|&b| b == want), "slot {slot}");
         }
         let layout = MemoryLayout::from_memory(&mem);
-        merge_diff(
-            &base,
-            &diff,
-            &dirty,
-            DiffLayout::Packed,
-            &layout,
-            MergeIds::default(),
-        )
-        .unwrap();
+        merge_packed(&base, &diff, &dirty, &layout).unwrap();
         assert_file_equals_memory(&base, &mem);
     }
 
@@ -476,15 +469,7 @@ mod tests {
         let dirty = DirtyBitmap::all_dirty(&layout);
         write_full(&base, &mem, &TEST_ID).unwrap();
         std::fs::write(&diff, [0u8; 4096]).unwrap();
-        let err = merge_diff(
-            &base,
-            &diff,
-            &dirty,
-            DiffLayout::Packed,
-            &layout,
-            MergeIds::default(),
-        )
-        .unwrap_err();
+        let err = merge_packed(&base, &diff, &dirty, &layout).unwrap_err();
         assert!(
             matches!(err, MemoryError::FileTooShort { expected, actual: 4096, .. } if expected == 1 << 20),
             "{err}"
