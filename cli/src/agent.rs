@@ -1,13 +1,14 @@
 //! `vmm agent`: talk to the guest agent through a VM's vsock Unix socket
-//! (ping, exec with streamed output, sync, freeze/thaw, file transfer).
+//! (ping, exec with streamed output, an interactive shell on a guest
+//! terminal, sync, freeze/thaw, file transfer).
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use guest_agent::client::{self, AgentClient};
-use guest_agent::proto::{ExecRequest, OutputStream, DEFAULT_PORT};
+use guest_agent::proto::{ExecRequest, ExecTtyRequest, ExitInfo, OutputStream, DEFAULT_PORT};
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
@@ -47,6 +48,32 @@ enum AgentOp {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// An interactive shell (or CMD) on a terminal in the guest, like
+    /// `ssh -t`: keys go to the guest raw (Ctrl-C included), the window size
+    /// follows ours, and the exit code becomes ours. Without a terminal
+    /// (stdin not one, or --no-tty) the command (default `sh`) reads our
+    /// stdin through a pipe instead.
+    Shell {
+        /// Ask for a terminal even when stdin is not one (e.g. a script piped
+        /// in); the default is a terminal exactly when stdin is one.
+        #[arg(long, conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never ask for a terminal.
+        #[arg(long)]
+        no_tty: bool,
+        /// KEY=VALUE added to the environment (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory in the guest (default: the shell's home).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Kill the session after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// The command and its arguments (default: the guest user's login shell).
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
     /// Flush all guest filesystems.
     Sync,
     /// Freeze guest filesystems (all writable block-backed ones by default);
@@ -67,6 +94,29 @@ enum AgentOp {
         #[arg(long, default_value = "644")]
         mode: String,
     },
+}
+
+/// Runs `req` with its output streamed to our stdout and stderr.
+fn exec_streamed(c: &mut AgentClient, req: &ExecRequest) -> client::Result<ExitInfo> {
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    c.exec_streaming(req, |stream, data| {
+        // A closed pipe on our side must not stop the command.
+        let _ = match stream {
+            OutputStream::Stdout => out.write_all(data).and_then(|_| out.flush()),
+            OutputStream::Stderr => err.write_all(data).and_then(|_| err.flush()),
+        };
+    })
+}
+
+/// The shell convention: the code, 128+N when killed by signal N, 124 on timeout.
+fn exit_code(exit: &ExitInfo) -> i32 {
+    if exit.timed_out {
+        124
+    } else if let Some(sig) = exit.signal {
+        128 + sig
+    } else {
+        exit.exit_code.unwrap_or(1)
+    }
 }
 
 fn connect(args: &AgentArgs) -> Result<AgentClient, String> {
@@ -116,24 +166,45 @@ fn run_op(args: &AgentArgs) -> Result<i32, String> {
                     .read_to_end(&mut req.stdin)
                     .map_err(|e| format!("reading stdin: {e}"))?;
             }
-            let mut c = connect(args)?;
-            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-            let exit = c
-                .exec_streaming(&req, |stream, data| {
-                    // A closed pipe on our side must not stop the command.
-                    let _ = match stream {
-                        OutputStream::Stdout => out.write_all(data).and_then(|_| out.flush()),
-                        OutputStream::Stderr => err.write_all(data).and_then(|_| err.flush()),
-                    };
-                })
-                .map_err(agent_err)?;
-            Ok(if exit.timed_out {
-                124
-            } else if let Some(sig) = exit.signal {
-                128 + sig
+            let exit = exec_streamed(&mut connect(args)?, &req).map_err(agent_err)?;
+            Ok(exit_code(&exit))
+        }
+        AgentOp::Shell {
+            tty,
+            no_tty,
+            env,
+            cwd,
+            timeout,
+            argv,
+        } => {
+            let timeout_ms = timeout.map(|s| s.saturating_mul(1000));
+            let terminal = *tty || (!*no_tty && std::io::stdin().is_terminal());
+            let exit = if terminal {
+                let req = ExecTtyRequest {
+                    argv: argv.clone(),
+                    env: env.clone(),
+                    cwd: cwd.clone(),
+                    timeout_ms,
+                    ..ExecTtyRequest::default()
+                };
+                let mut c = connect(args)?;
+                client::run_interactive(&mut c, req).map_err(agent_err)?
             } else {
-                exit.exit_code.unwrap_or(1)
-            })
+                let argv = if argv.is_empty() {
+                    vec!["sh".to_string()]
+                } else {
+                    argv.clone()
+                };
+                let mut req = ExecRequest::new(argv);
+                req.env = env.clone();
+                req.cwd = cwd.clone();
+                req.timeout_ms = timeout_ms;
+                std::io::stdin()
+                    .read_to_end(&mut req.stdin)
+                    .map_err(|e| format!("reading stdin: {e}"))?;
+                exec_streamed(&mut connect(args)?, &req).map_err(agent_err)?
+            };
+            Ok(exit_code(&exit))
         }
         AgentOp::Sync => {
             connect(args)?.sync().map_err(agent_err)?;

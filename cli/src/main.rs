@@ -12,11 +12,17 @@ mod logger;
 mod product;
 mod run;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "vmm", version, about = "A snapshot-first microVM monitor")]
 struct Cli {
+    /// State directory of the product commands, before or after the
+    /// subcommand [env: VMM_STATE_DIR] [default: ~/.local/share/vmm].
+    #[arg(long, value_name = "DIR", global = true)]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,14 +53,27 @@ enum Command {
 /// `run` and `agent`).
 const PRODUCT_COMMANDS: &[&str] = &["use", "ls", "status", "stop", "rm", "logs", "snapshot"];
 
+/// The subcommand named in `args` (program name first): the first word that
+/// is not an option of `vmm` itself.
+fn subcommand(args: &[String]) -> Option<&str> {
+    let mut words = args.iter().skip(1);
+    while let Some(w) = words.next() {
+        if w == "--state-dir" {
+            words.next();
+        } else if !w.starts_with('-') {
+            return Some(w);
+        }
+    }
+    None
+}
+
 fn main() {
     logger::init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let product = std::env::args()
-                .nth(1)
-                .is_some_and(|a| PRODUCT_COMMANDS.contains(&a.as_str()));
+            let args: Vec<String> = std::env::args().collect();
+            let product = subcommand(&args).is_some_and(|a| PRODUCT_COMMANDS.contains(&a));
             if product && e.use_stderr() {
                 let _ = e.print();
                 std::process::exit(1);
@@ -62,16 +81,59 @@ fn main() {
             e.exit();
         }
     };
+    let state_dir = cli.state_dir;
+    if state_dir.is_some() && matches!(cli.command, Command::Run(_) | Command::Agent(_)) {
+        eprintln!(
+            "vmm: --state-dir applies to the product commands ({})",
+            PRODUCT_COMMANDS.join(", ")
+        );
+        std::process::exit(2);
+    }
+    let product = |cmd| product::run(cmd, state_dir.clone());
     let code = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Agent(args) => agent::run(args),
-        Command::Use(a) => product::run(product::Command::Use(a)),
-        Command::Ls(a) => product::run(product::Command::Ls(a)),
-        Command::Status(a) => product::run(product::Command::Status(a)),
-        Command::Stop(a) => product::run(product::Command::Stop(a)),
-        Command::Rm(a) => product::run(product::Command::Rm(a)),
-        Command::Logs(a) => product::run(product::Command::Logs(a)),
-        Command::Snapshot(a) => product::run(product::Command::Snapshot(a)),
+        Command::Use(a) => product(product::Command::Use(Box::new(a))),
+        Command::Ls(a) => product(product::Command::Ls(a)),
+        Command::Status(a) => product(product::Command::Status(a)),
+        Command::Stop(a) => product(product::Command::Stop(a)),
+        Command::Rm(a) => product(product::Command::Rm(a)),
+        Command::Logs(a) => product(product::Command::Logs(a)),
+        Command::Snapshot(a) => product(product::Command::Snapshot(a)),
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn state_dir_before_or_after_the_subcommand() {
+        Cli::command().debug_assert();
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for argv in [
+            &["vmm", "--state-dir", "/s", "ls"][..],
+            &["vmm", "ls", "--state-dir", "/s"],
+            &["vmm", "--state-dir=/s", "snapshot", "ls"],
+            &["vmm", "snapshot", "ls", "--state-dir", "/s"],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            assert_eq!(
+                cli.state_dir.as_deref(),
+                Some(std::path::Path::new("/s")),
+                "{argv:?}"
+            );
+        }
+        assert_eq!(
+            subcommand(&args(&["vmm", "--state-dir", "ls", "rm", "x"])),
+            Some("rm")
+        );
+        assert_eq!(
+            subcommand(&args(&["vmm", "--state-dir=/s", "ls"])),
+            Some("ls")
+        );
+        assert_eq!(subcommand(&args(&["vmm", "--version"])), None);
+    }
 }

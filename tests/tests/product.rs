@@ -8,11 +8,16 @@
 //! by a new sandbox; diff and disk snapshots; listings in table and JSON;
 //! deletion with and without -f; not-found exit codes; stop and start again;
 //! logs; expiry; a scheduled snapshot, taken by the sandbox's own VMM; a
-//! sandbox booted from a named image.
+//! sandbox booted from a named image; an interrupted creation, shown as
+//! failed and removed; a sandbox on a TAP device and a copy of it that must
+//! get its own.
 //!
-//! Without a VM (any machine): the state directory, usage errors and exit
-//! codes, disk snapshots of a stopped sandbox, dependency-aware removal and
-//! expiry.
+//! Without a VM (any machine): the state directory (also given before the
+//! subcommand), usage errors and exit codes, names checked before use (no
+//! lock files for names that do not exist), disk snapshots of a stopped
+//! sandbox, dependency-aware removal of several snapshots at once, expiry,
+//! interrupted and legacy leftovers shown as failed and removable, restores
+//! of a VM with a network interface needing a TAP.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -153,6 +158,29 @@ echo "RIGHT_PID=$(vmm status right -o json | grep '"pid"' | tr -dc 0-9)"
 echo "SCHED_CREATORS=$(cat /state/snapshots/right-20*/meta.json | grep '"creator_pid"' | tr -dc '0-9\n' | sort -u | tr '\n' ' ')"
 echo "RIGHT_AFTER_SCHED=$(vmm status right -o json | grep '"status"' | tr -d ' ,')"
 
+# 12. An interrupted creation (the creating process killed while the guest
+# boots) is listed as failed, refused by use, and removed by rm -f.
+vmm use cut --mem-mib 128 -- true >/dev/null 2>&1 & cp=$!
+i=0; until vmm status cut -o json 2>/dev/null | grep -q '"creating"' || [ $i -gt 300 ]; do i=$((i+1)); sleep 0.1; done
+kill -TERM $cp; wait $cp 2>/dev/null
+echo "CUT_STATUS=$(vmm status cut -o json | grep '"status"' | tr -d ' ,')"
+echo "CUT_LS=$(vmm ls | grep -c '^cut  *failed')"
+run CUT_USE vmm use cut -- true
+run CUT_RM vmm rm -f cut
+echo "CUT_GONE=$(vmm ls | grep -c '^cut')"
+
+# 13. A sandbox on a TAP device (the VMM creates it); a copy of its snapshot
+# needs a TAP of its own and keeps the guest's MAC address.
+run NET vmm use net1 --mem-mib 128 --tap vmmtap1 --mac 02:00:00:00:00:11 -- cat /sys/class/net/eth0/address
+echo "NET_STATUS=$(vmm status net1 -o json | grep '"tap"' | tr -d ' ,')"
+echo "NET_HOST_TAP=$([ -e /sys/class/net/vmmtap1 ] && echo yes || echo no)"
+run NET_SAVE vmm snapshot save net1 --name net-snap --resume-source
+run NET_NOTAP vmm snapshot restore net-snap --into net2
+run NET_SAME vmm snapshot restore net-snap --into net2 --tap vmmtap1
+run NET_RESTORE vmm use net2 --snapshot net-snap --tap vmmtap2 -- cat /sys/class/net/eth0/address
+echo "NET2_STATUS=$(vmm status net2 -o json | grep '"tap"' | tr -d ' ,')"
+vmm rm -f net1; vmm rm -f net2; vmm snapshot rm net-snap >/dev/null
+
 for s in dev left right; do vmm rm -f $s; done
 echo "LS_END=$(vmm ls | oneline)"
 echo "VMM_PROCS_LEFT=$(ps | grep -c '[v]mm run')"
@@ -180,6 +208,17 @@ fn err_of(run: &NestedRun, key: &str) -> String {
     run.marker(&format!("{key}_ERR")).unwrap_or_default()
 }
 
+/// Asserts `KEY_EXIT` and that `KEY_ERR` contains `needle`.
+fn expect_err(run: &NestedRun, key: &str, code: i32, needle: &str) {
+    expect(run, key, code, None);
+    let err = err_of(run, key);
+    assert!(
+        err.contains(needle),
+        "{}",
+        run.failure(&format!("{key}: {err}"))
+    );
+}
+
 #[test]
 fn nested_sandbox_and_snapshot_scenarios() {
     let mut opts = NestedOptions::new("product").timeout(Duration::from_secs(900));
@@ -198,12 +237,11 @@ fn nested_sandbox_and_snapshot_scenarios() {
     // 1b. Images.
     expect(&run, "IMAGE", 0, Some("from-image|"));
     run.assert_marker("IMAGE_STATUS", "\"image\":\"small\"");
-    expect(&run, "IMAGE_MISSING", 1, None);
-    assert!(
-        err_of(&run, "IMAGE_MISSING")
-            .contains("no image named \"nope\"; available: small, default"),
-        "{}",
-        err_of(&run, "IMAGE_MISSING")
+    expect_err(
+        &run,
+        "IMAGE_MISSING",
+        1,
+        "no image named \"nope\"; available: small, default",
     );
 
     // 2. Checkpoint and restore; the source is paused after a snapshot.
@@ -211,12 +249,7 @@ fn nested_sandbox_and_snapshot_scenarios() {
     run.assert_marker("PAUSED_STATUS", "\"status\":\"paused\"");
     expect(&run, "RISKY", 0, None);
     expect(&run, "GONE", 1, None);
-    expect(&run, "RM_RUNNING", 1, None);
-    assert!(
-        err_of(&run, "RM_RUNNING").contains("stop it first or use -f"),
-        "{}",
-        err_of(&run, "RM_RUNNING")
-    );
+    expect_err(&run, "RM_RUNNING", 1, "stop it first or use -f");
     expect(&run, "RM_FORCE", 0, None);
     expect(&run, "RESTORE", 0, None);
     expect(&run, "RESTORED_DATA", 0, Some("precious|"));
@@ -266,12 +299,7 @@ fn nested_sandbox_and_snapshot_scenarios() {
         "{diff2}"
     );
     expect(&run, "FROMDIFF2", 0, Some("diffdata-2|second|tool-v1 y|"));
-    expect(&run, "RM_DEP", 1, None);
-    assert!(
-        err_of(&run, "RM_DEP").contains("left-diff"),
-        "{}",
-        err_of(&run, "RM_DEP")
-    );
+    expect_err(&run, "RM_DEP", 1, "left-diff");
     expect(
         &run,
         "RM_DEP_FORCE",
@@ -391,6 +419,23 @@ fn nested_sandbox_and_snapshot_scenarios() {
         run.failure("scheduled snapshots must be taken by the sandbox's VMM")
     );
 
+    // 12. Interrupted creation.
+    run.assert_marker("CUT_STATUS", "\"status\":\"failed\"");
+    run.assert_marker("CUT_LS", "1");
+    expect_err(&run, "CUT_USE", 1, "creation was interrupted");
+    expect(&run, "CUT_RM", 0, None);
+    run.assert_marker("CUT_GONE", "0");
+
+    // 13. TAP networking.
+    expect(&run, "NET", 0, Some("02:00:00:00:00:11|"));
+    run.assert_marker("NET_STATUS", "\"tap\":\"vmmtap1\"");
+    run.assert_marker("NET_HOST_TAP", "yes");
+    expect(&run, "NET_SAVE", 0, None);
+    expect_err(&run, "NET_NOTAP", 1, "on TAP vmmtap1 of sandbox net1");
+    expect_err(&run, "NET_SAME", 1, "TAP vmmtap1 is sandbox net1's");
+    expect(&run, "NET_RESTORE", 0, Some("02:00:00:00:00:11|"));
+    run.assert_marker("NET2_STATUS", "\"tap\":\"vmmtap2\"");
+
     run.assert_marker("LS_END", "NAME  STATUS  CPU  MEMORY  CREATED|");
     run.assert_marker("VMM_PROCS_LEFT", "0");
 
@@ -463,6 +508,18 @@ fn commands_without_a_vm() {
     let (code, out, _) = vmm(s, &["ls", "-o", "json"]);
     assert_eq!((code, out.trim()), (0, "[]"));
 
+    // --state-dir before the subcommand as well as after it.
+    let other = s.join("other-state");
+    for args in [
+        &["--state-dir", other.to_str().unwrap(), "ls"][..],
+        &["snapshot", "ls", "--state-dir", other.to_str().unwrap()],
+    ] {
+        let (code, out, err) = vmm(s, args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.starts_with("NAME"), "{out}");
+    }
+    assert!(other.join("sandboxes").is_dir() && other.join("snapshots").is_dir());
+
     // Not found: 3, one line.
     for args in [
         &["stop", "ghost"][..],
@@ -473,12 +530,37 @@ fn commands_without_a_vm() {
         &["snapshot", "save", "ghost"],
         &["snapshot", "restore", "ghost", "--into", "x"],
         &["use", "x", "--snapshot", "ghost", "--", "true"],
+        &["snapshot", "schedule", "ghost", "--off"],
     ] {
         let (code, _, err) = vmm(s, args);
         assert_eq!(code, 3, "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("vmm: no s"), "{args:?}: {err}");
     }
+    // Names are checked before they are used in a path: a usage error, one
+    // line.
+    for args in [
+        &["status", "../snapshots/x"][..],
+        &["logs", "../x"],
+        &["stop", "a/b"],
+        &["rm", ".."],
+        &["use", "x", "--snapshot", "../x", "--", "true"],
+        &["snapshot", "restore", "../x", "--into", "y"],
+        &["snapshot", "rm", "ok", "../x"],
+        &["snapshot", "save", "x", "--name", "../y"],
+    ] {
+        let (code, _, err) = vmm(s, args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(" name \""), "{args:?}: {err}");
+    }
+    // None of this made a lock file (or anything else) for those names.
+    let locks: Vec<String> = std::fs::read_dir(s.join("locks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(locks, ["store.lock"], "{locks:?}");
+    assert_eq!(std::fs::read_dir(s.join("sandboxes")).unwrap().count(), 0);
     // Usage and validation errors: 1.
     for (args, want) in [
         (
@@ -505,6 +587,12 @@ fn commands_without_a_vm() {
         (
             &["use", "x", "--image", "a", "--kernel", "/k", "--", "true"],
             "cannot be used with",
+        ),
+        (&["use", "x", "--env", "NOVALUE", "--", "true"], "KEY=VALUE"),
+        (&["use", "x", "--tap", "a/b", "--", "true"], "TAP name"),
+        (
+            &["use", "x", "--mac", "02:00:00:00:00:01", "--", "true"],
+            "--tap",
         ),
     ] {
         let (code, _, err) = vmm(s, args);
@@ -597,6 +685,33 @@ fn commands_without_a_vm() {
     let (code, _, err) = vmm(s, &["snapshot", "rm", "keep"]);
     assert_eq!(code, 1);
     assert!(err.contains("keep-diff") && err.contains("-f"), "{err}");
+
+    // A restored VM keeps its network interface: a copy needs its own TAP.
+    let net = s.join("snapshots/net-full");
+    std::fs::create_dir_all(&net).unwrap();
+    let mut nmeta = meta.clone();
+    nmeta["name"] = "net-full".into();
+    nmeta["kind"] = "full".into();
+    nmeta["parent"] = Value::Null;
+    nmeta["net"] = serde_json::json!({"tap": "tap0"});
+    std::fs::write(net.join("meta.json"), nmeta.to_string()).unwrap();
+    let (code, _, err) = vmm(s, &["snapshot", "restore", "net-full", "--into", "copy"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("has a network interface (on TAP tap0 of sandbox cold)")
+            && err.contains("--tap"),
+        "{err}"
+    );
+    let (code, _, err) = vmm(
+        s,
+        &[
+            "snapshot", "restore", "keep", "--into", "copy2", "--tap", "t1", "--mac", "zz",
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(!s.join("sandboxes/copy").exists() && !s.join("locks/sandbox-copy.lock").exists());
+    let (code, out, err) = vmm(s, &["snapshot", "rm", "net-full"]);
+    assert_eq!((code, out.as_str()), (0, "net-full\n"), "{err}");
     let (code, out, _) = vmm(s, &["snapshot", "ls"]);
     assert_eq!(code, 0);
     assert!(
@@ -615,11 +730,64 @@ fn commands_without_a_vm() {
         .collect();
     assert_eq!(names, ["keep", "keep-diff"], "{out}");
 
-    let (code, out, err) = vmm(s, &["snapshot", "rm", "-f", "keep"]);
+    // Several at once: all checked first, then removed children first.
+    let (code, out, err) = vmm(s, &["snapshot", "rm", "keep", "missing"]);
+    assert_eq!((code, out.as_str()), (3, ""), "{err}");
+    let (code, out, err) = vmm(s, &["snapshot", "rm", "keep", "keep-diff"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "keep-diff\nkeep\n");
     let (code, _, _) = vmm(s, &["rm", "cold"]);
     assert_eq!(code, 0);
+
+    // Leftovers: an interrupted creation (its process gone) and directories
+    // without metadata (older versions) are listed as failed and removable.
+    stopped_sandbox(s, "cut");
+    let cut_meta = s.join("sandboxes/cut/meta.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&cut_meta).unwrap()).unwrap();
+    m["lifecycle"] = "creating".into();
+    m["creator_pid"] = u32::MAX.into();
+    std::fs::write(&cut_meta, m.to_string()).unwrap();
+    std::fs::create_dir_all(s.join("sandboxes/legacy")).unwrap();
+    std::fs::write(s.join("sandboxes/legacy/disk.ext4"), "d").unwrap();
+    std::fs::create_dir_all(s.join("snapshots/old-snap")).unwrap();
+    std::fs::write(s.join("snapshots/old-snap/disk"), "d").unwrap();
+    let (code, out, _) = vmm(s, &["ls", "-o", "json"]);
+    assert_eq!(code, 0);
+    let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let st: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap(), v["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(st, [("cut", "failed"), ("legacy", "failed")], "{out}");
+    assert!(
+        listed[0]["failure"]
+            .as_str()
+            .unwrap()
+            .contains("interrupted"),
+        "{out}"
+    );
+    let (code, _, err) = vmm(s, &["use", "cut", "--", "true"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("its creation was interrupted") && err.contains("`vmm rm cut`"),
+        "{err}"
+    );
+    let (code, _, err) = vmm(s, &["use", "legacy", "--", "true"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("sandbox legacy is not usable"), "{err}");
+    let (code, out, _) = vmm(s, &["snapshot", "ls"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("old-snap") && out.contains("failed"), "{out}");
+    for args in [
+        &["rm", "-f", "cut"][..],
+        &["rm", "legacy"],
+        &["snapshot", "rm", "old-snap"],
+    ] {
+        let (code, _, err) = vmm(s, args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+    // Nothing is left, hidden directories included.
+    assert_eq!(std::fs::read_dir(s.join("sandboxes")).unwrap().count(), 0);
     let (_, out, _) = vmm(s, &["snapshot", "ls", "-o", "json"]);
     assert_eq!(out.trim(), "[]");
     let (_, out, _) = vmm(s, &["status"]);

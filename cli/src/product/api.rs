@@ -11,6 +11,7 @@ use serde_json::Value;
 use vmm::api::{ActionBody, ActionType, PatchVm, SnapshotType, VmStateChange};
 
 use super::error::{Error, Result};
+use super::net;
 
 /// Longest response head we accept.
 const MAX_HEAD: usize = 64 * 1024;
@@ -101,16 +102,22 @@ impl ApiClient {
             .map(|_| ())
     }
 
-    /// Loads a snapshot into this (empty) VMM and resumes it, with the disk
-    /// and vsock socket replaced by the sandbox's own and dirty-page
-    /// tracking on (for later diff snapshots).
+    /// Loads a snapshot into this (empty) VMM and resumes it, with the disk,
+    /// vsock socket and TAP (the VM's network interface, if it has one)
+    /// replaced by the sandbox's own and dirty-page tracking on (for later
+    /// diff snapshots).
     pub fn load_snapshot(
         &self,
         state: &Path,
         memory: &Path,
         disk: &Path,
         vsock: &Path,
+        tap: Option<&str>,
     ) -> Result<()> {
+        let taps: Vec<Value> = tap
+            .map(|t| serde_json::json!({ "iface_id": net::IFACE_ID, "host_dev_name": t }))
+            .into_iter()
+            .collect();
         let body = serde_json::json!({
             "snapshot_path": state,
             "mem_backend": { "backend_type": "File", "backend_path": memory },
@@ -118,6 +125,7 @@ impl ApiClient {
             "track_dirty_pages": true,
             "drive_overrides": [{ "drive_id": "rootfs", "path_on_host": disk }],
             "vsock_override": { "uds_path": vsock },
+            "network_overrides": taps,
         });
         self.call("PUT", "/snapshot/load", Some(&body)).map(|_| ())
     }
@@ -290,6 +298,30 @@ mod tests {
             e.contains("sandbox dev: PUT /snapshot/create: 400: the VM is not paused"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn restores_get_the_sandbox_s_own_tap() {
+        let t = TempDir::new("api-load");
+        let sock = t.0.join("a.sock");
+        let c = ApiClient::new(&sock, "dev");
+        for tap in [Some("tap7"), None] {
+            let _ = std::fs::remove_file(&sock);
+            let server = serve_once(&sock, "HTTP/1.1 204 No Content\r\n\r\n".into());
+            let p = Path::new;
+            c.load_snapshot(p("/s"), p("/m"), p("/d"), p("/v"), tap)
+                .unwrap();
+            let req = server.join().unwrap();
+            let body: Value = serde_json::from_str(req.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+            let want = match tap {
+                Some(t) => serde_json::json!([{ "iface_id": "eth0", "host_dev_name": t }]),
+                None => serde_json::json!([]),
+            };
+            assert_eq!(body["network_overrides"], want, "{body}");
+            assert_eq!(body["drive_overrides"][0]["path_on_host"], "/d");
+            // The shape the VMM accepts.
+            serde_json::from_value::<vmm::api::LoadSnapshotParams>(body).unwrap();
+        }
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! Command-line shapes of the product commands.
+//! Command-line shapes of the product commands. The state directory
+//! (`--state-dir`) is an option of the `vmm` command itself (main.rs), so it
+//! may come before or after the subcommand.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
+use super::net;
 use super::output::Format;
 use super::snapshot::{GuestSync, SnapKind};
 
@@ -12,19 +15,17 @@ fn duration(text: &str) -> Result<Duration, String> {
     super::clock::parse_duration(text).map_err(|e| e.to_string())
 }
 
-/// Options every product command takes.
-#[derive(Args, Debug, Clone)]
-pub struct Common {
-    /// State directory holding sandboxes and snapshots [env: VMM_STATE_DIR]
-    /// [default: ~/.local/share/vmm].
-    #[arg(long, value_name = "DIR", global = true)]
-    pub state_dir: Option<PathBuf>,
+/// `--env KEY=VALUE`, checked while parsing so a bad one stops `use` before
+/// anything is created.
+fn env_pair(text: &str) -> Result<String, String> {
+    match text.split_once('=') {
+        Some((key, _)) if !key.is_empty() && !key.contains('\0') => Ok(text.to_string()),
+        _ => Err(format!("{text:?}: expected KEY=VALUE with a non-empty KEY")),
+    }
 }
 
 #[derive(Args, Debug)]
 pub struct UseArgs {
-    #[command(flatten)]
-    pub common: Common,
     /// Sandbox name: 1-40 of a-z, 0-9 and '-'.
     pub name: String,
     /// Create it from this snapshot (restoring memory, processes and files).
@@ -49,8 +50,16 @@ pub struct UseArgs {
     /// Kernel command line of a new sandbox.
     #[arg(long)]
     pub cmdline: Option<String>,
+    /// Host TAP device for a new sandbox's network interface (opened by its
+    /// VMM, which creates it when it may); required when restoring a
+    /// snapshot of a VM that had one.
+    #[arg(long, value_name = "TAP", value_parser = net::parse_tap)]
+    pub tap: Option<String>,
+    /// Guest MAC address with --tap when booting [default: random per boot].
+    #[arg(long, value_name = "MAC", requires = "tap", value_parser = net::parse_mac)]
+    pub mac: Option<String>,
     /// KEY=VALUE added to the command's environment (repeatable).
-    #[arg(long = "env", value_name = "KEY=VALUE")]
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = env_pair)]
     pub env: Vec<String>,
     /// Working directory of the command in the guest.
     #[arg(long, value_name = "DIR")]
@@ -61,24 +70,20 @@ pub struct UseArgs {
     /// Kill the command after this long (exit code 124).
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub timeout: Option<Duration>,
-    /// The command and its arguments; without one, an interactive shell
-    /// when stdin is a terminal.
+    /// The command and its arguments; without one, the guest's login shell
+    /// on a terminal when stdin is one (else `sh` reading stdin).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
 #[derive(Args, Debug)]
 pub struct LsArgs {
-    #[command(flatten)]
-    pub common: Common,
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Format,
 }
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    #[command(flatten)]
-    pub common: Common,
     /// A sandbox; without it, the state directory and guest defaults.
     pub name: Option<String>,
     #[arg(short, long, value_enum, default_value_t)]
@@ -87,8 +92,6 @@ pub struct StatusArgs {
 
 #[derive(Args, Debug)]
 pub struct StopArgs {
-    #[command(flatten)]
-    pub common: Common,
     pub name: String,
     /// Kill the VMM at once instead of syncing the guest and stopping it.
     #[arg(short, long)]
@@ -97,8 +100,6 @@ pub struct StopArgs {
 
 #[derive(Args, Debug)]
 pub struct RmArgs {
-    #[command(flatten)]
-    pub common: Common,
     pub name: String,
     /// Remove a running sandbox too (its VMM is killed).
     #[arg(short, long)]
@@ -107,8 +108,6 @@ pub struct RmArgs {
 
 #[derive(Args, Debug)]
 pub struct LogsArgs {
-    #[command(flatten)]
-    pub common: Common,
     pub name: String,
     /// Keep printing what is appended until the sandbox stops.
     #[arg(short, long)]
@@ -123,8 +122,6 @@ pub struct LogsArgs {
 
 #[derive(Args, Debug)]
 pub struct SnapshotArgs {
-    #[command(flatten)]
-    pub common: Common,
     #[command(subcommand)]
     pub command: SnapshotCommand,
 }
@@ -191,6 +188,14 @@ pub struct RestoreArgs {
     /// Name of the new sandbox.
     #[arg(long, value_name = "SANDBOX")]
     pub into: String,
+    /// Host TAP device of the new sandbox (required when the snapshot's VM
+    /// had a network interface: the source's TAP is never reused).
+    #[arg(long, value_name = "TAP", value_parser = net::parse_tap)]
+    pub tap: Option<String>,
+    /// Guest MAC address with --tap, for a disk-only snapshot (booted);
+    /// a restored VM keeps the MAC in its snapshot.
+    #[arg(long, value_name = "MAC", requires = "tap", value_parser = net::parse_mac)]
+    pub mac: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -213,4 +218,51 @@ pub struct ScheduleArgs {
     /// Expiry of each scheduled snapshot.
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub expires_in: Option<Duration>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Use {
+        #[command(flatten)]
+        a: UseArgs,
+    }
+
+    #[test]
+    fn use_options_are_checked_while_parsing() {
+        let ok = Use::try_parse_from([
+            "use",
+            "dev",
+            "--env",
+            "A=1",
+            "--env",
+            "B=",
+            "--tap",
+            "tap0",
+            "--mac",
+            "02:00:00:00:00:0A",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(ok.a.env, ["A=1", "B="]);
+        assert_eq!(ok.a.tap.as_deref(), Some("tap0"));
+        assert_eq!(ok.a.mac.as_deref(), Some("02:00:00:00:00:0a"));
+        for (argv, want) in [
+            (
+                &["use", "dev", "--env", "NOVALUE"][..],
+                "expected KEY=VALUE",
+            ),
+            (&["use", "dev", "--env", "=x"], "non-empty KEY"),
+            (&["use", "dev", "--tap", "bad/name"], "TAP name"),
+            (&["use", "dev", "--mac", "02:00:00:00:00:01"], "--tap"),
+            (&["use", "dev", "--tap", "t", "--mac", "zz"], "MAC"),
+        ] {
+            let e = Use::try_parse_from(argv).unwrap_err().to_string();
+            assert!(e.contains(want), "{argv:?}: {e}");
+        }
+    }
 }

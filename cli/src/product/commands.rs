@@ -1,10 +1,11 @@
 //! The sandbox commands: `use`, `ls`, `status`, `stop`, `rm`, `logs`.
 
-use std::io::{BufRead, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use guest_agent::proto::ExecRequest;
+use guest_agent::client;
+use guest_agent::proto::{ExecRequest, ExecTtyRequest};
 use serde_json::{json, Value};
 
 use super::args::{LogsArgs, LsArgs, RmArgs, StatusArgs, StopArgs, UseArgs};
@@ -14,9 +15,11 @@ use super::cron::Schedule;
 use super::error::{Error, Result};
 use super::guest;
 use super::names;
+use super::net::{self, NetMeta};
 use super::output::{human_size, json, Format, Table};
-use super::sandbox::{BootSpec, Sandbox, Status};
-use super::snapshot::{self, SnapStatus, SnapshotMeta};
+use super::sandbox::{BootSpec, Guest, Sandbox, Status};
+use super::snap_remove::{self, Pinned};
+use super::snapshot::{self, SnapStatus};
 use super::store::Kind;
 use super::Ctx;
 
@@ -24,36 +27,66 @@ use super::Ctx;
 /// and makes sure it runs; the caller holds no lock afterwards.
 pub fn ensure_sandbox(ctx: &Ctx, a: &UseArgs) -> Result<Sandbox> {
     names::validate("sandbox", &a.name)?;
-    let _lock = ctx.store.lock_sandbox(&a.name)?;
-    if Sandbox::exists(ctx, &a.name) {
-        if let Some(snap) = &a.snapshot {
-            return Err(Error::Invalid(format!(
-                "sandbox {} already exists; --snapshot {snap} applies only when creating one \
-                 (`vmm snapshot restore {snap} --into NEW`)",
-                a.name
-            )));
-        }
-        let creation_only = a.image.is_some()
-            || a.kernel.is_some()
-            || a.rootfs.is_some()
-            || a.vcpus.is_some()
-            || a.mem_mib.is_some()
-            || a.cmdline.is_some();
-        if creation_only {
-            log::warn!(
-                "sandbox {} exists: --image, --kernel, --rootfs, --vcpus, --mem-mib and \
-                 --cmdline apply only when creating one",
-                a.name
-            );
-        }
-        let mut sb = Sandbox::load(ctx, &a.name)?;
-        sb.ensure_running(ctx)?;
-        return Ok(sb);
-    }
     if let Some(snap) = &a.snapshot {
-        let meta = SnapshotMeta::load(ctx, snap)?;
-        meta.require_ready()?;
-        return Sandbox::create_from_snapshot(ctx, &a.name, &meta);
+        names::validate("snapshot", snap)?;
+    }
+    let mut lock = None;
+    if !Sandbox::exists(ctx, &a.name) {
+        // Everything a creation needs is found (and a snapshot pinned)
+        // before the name is locked.
+        let plan = plan_creation(ctx, a)?;
+        let held = ctx.store.lock_sandbox(&a.name)?;
+        if !Sandbox::exists(ctx, &a.name) {
+            return match plan {
+                Plan::Boot(spec) => Sandbox::create_boot(ctx, &a.name, &spec),
+                Plan::Snapshot(pin, net) => Sandbox::create_from_snapshot(ctx, &a.name, *pin, net),
+            };
+        }
+        lock = Some(held); // created meanwhile by another command
+    }
+    let _lock = match lock {
+        Some(l) => l,
+        None => ctx.store.lock_sandbox(&a.name)?,
+    };
+    let mut sb = Sandbox::load(ctx, &a.name)?;
+    if let Some(snap) = &a.snapshot {
+        return Err(Error::Invalid(format!(
+            "sandbox {} already exists; --snapshot {snap} applies only when creating one \
+             (`vmm snapshot restore {snap} --into NEW`)",
+            a.name
+        )));
+    }
+    sb.require_ready()?;
+    let creation_only = a.image.is_some()
+        || a.kernel.is_some()
+        || a.rootfs.is_some()
+        || a.vcpus.is_some()
+        || a.mem_mib.is_some()
+        || a.cmdline.is_some()
+        || a.tap.is_some();
+    if creation_only {
+        log::warn!(
+            "sandbox {} exists: --image, --kernel, --rootfs, --vcpus, --mem-mib, --cmdline \
+             and --tap apply only when creating one",
+            a.name
+        );
+    }
+    sb.ensure_running(ctx)?;
+    Ok(sb)
+}
+
+/// How a missing sandbox is to be created.
+enum Plan {
+    Boot(BootSpec),
+    Snapshot(Box<Pinned>, Option<NetMeta>),
+}
+
+fn plan_creation(ctx: &Ctx, a: &UseArgs) -> Result<Plan> {
+    if let Some(snap) = &a.snapshot {
+        let pin = snap_remove::pin(ctx, snap)?;
+        let net = net::for_snapshot(&pin.meta, a.tap.as_deref(), a.mac.as_deref())?;
+        net::check_free(ctx, net.as_ref())?;
+        return Ok(Plan::Snapshot(Box::new(pin), net));
     }
     let cfg = &ctx.config;
     let (kernel, rootfs) = match &a.image {
@@ -69,27 +102,31 @@ pub fn ensure_sandbox(ctx: &Ctx, a: &UseArgs) -> Result<Sandbox> {
             )?,
         ),
     };
-    let spec = BootSpec {
-        image: a.image.clone(),
-        kernel: kernel.path,
+    let net = net::for_boot(a.tap.as_deref(), a.mac.as_deref());
+    net::check_free(ctx, net.as_ref())?;
+    Ok(Plan::Boot(BootSpec {
+        guest: Guest {
+            kernel: kernel.path,
+            cmdline: a
+                .cmdline
+                .clone()
+                .or_else(|| cfg.cmdline.clone())
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            vcpus: a.vcpus.or(cfg.vcpus).unwrap_or(1),
+            mem_mib: a.mem_mib.or(cfg.mem_mib).unwrap_or(256),
+            image: a.image.clone(),
+        },
         rootfs: rootfs.path,
-        vcpus: a.vcpus.or(cfg.vcpus).unwrap_or(1),
-        mem_mib: a.mem_mib.or(cfg.mem_mib).unwrap_or(256),
-        cmdline: a.cmdline.clone().or_else(|| cfg.cmdline.clone()),
-    };
-    Sandbox::create_boot(ctx, &a.name, &spec)
+        net,
+    }))
 }
 
 /// `vmm use NAME [-- CMD ...]`.
 pub fn use_(ctx: &Ctx, a: UseArgs) -> Result<i32> {
     let sb = ensure_sandbox(ctx, &a)?;
+    // `--env` was checked while parsing, before anything was created.
     let base = |argv: Vec<String>| -> Result<ExecRequest> {
         let mut req = ExecRequest::new(argv);
-        for kv in &a.env {
-            if !kv.contains('=') || kv.starts_with('=') {
-                return Err(Error::Invalid(format!("--env {kv:?}: expected KEY=VALUE")));
-            }
-        }
         req.env = a.env.clone();
         req.cwd = a.workdir.clone();
         req.timeout_ms = a
@@ -98,10 +135,7 @@ pub fn use_(ctx: &Ctx, a: UseArgs) -> Result<i32> {
         Ok(req)
     };
     if a.command.is_empty() {
-        if std::io::stdin().is_terminal() {
-            return shell(&sb, base);
-        }
-        return Ok(0);
+        return shell(&sb, base);
     }
     let mut req = base(a.command.clone())?;
     if a.stdin {
@@ -115,49 +149,45 @@ pub fn use_(ctx: &Ctx, a: UseArgs) -> Result<i32> {
     Ok(code)
 }
 
-/// A line-based shell: each line runs as `sh -c LINE` in the guest. No
-/// terminal is attached, so state such as `cd` or variables does not carry
-/// from one line to the next and full-screen programs do not work.
+/// `vmm use NAME` without a command. With stdin a terminal: the guest user's
+/// login shell on a terminal in the guest (raw keys, Ctrl-C, window size,
+/// full-screen programs), like `ssh`. Otherwise `sh` reads our stdin through
+/// a pipe, so `echo ls | vmm use NAME` runs the script. Either way the session
+/// is one entry of the exec history.
 fn shell(sb: &Sandbox, base: impl Fn(Vec<String>) -> Result<ExecRequest>) -> Result<i32> {
+    let t0 = Instant::now();
+    if !std::io::stdin().is_terminal() {
+        let argv = vec!["sh".to_string()];
+        let mut req = base(argv.clone())?;
+        std::io::stdin()
+            .read_to_end(&mut req.stdin)
+            .map_err(|e| Error::io("reading", Path::new("stdin"), e))?;
+        let code = guest::exec_streamed(sb, &req)?;
+        sb.record_exec(&argv, code, t0.elapsed());
+        return Ok(code);
+    }
+    let opts = base(Vec::new())?;
+    let req = ExecTtyRequest {
+        env: opts.env,
+        cwd: opts.cwd,
+        timeout_ms: opts.timeout_ms,
+        ..ExecTtyRequest::default()
+    };
+    let mut c = guest::connect(sb, Duration::from_secs(30))?;
     eprintln!(
-        "sandbox {}: each line runs as `sh -c LINE` (no terminal; cd and variables do not \
-         persist); exit or Ctrl-D leaves",
+        "sandbox {}: terminal session; exit or Ctrl-D leaves",
         sb.meta.name
     );
-    let stdin = std::io::stdin();
-    let mut last = 0;
-    loop {
-        print!("{}$ ", sb.meta.name);
-        let _ = std::io::stdout().flush();
-        let mut line = String::new();
-        match stdin.lock().read_line(&mut line) {
-            Ok(0) => {
-                println!();
-                return Ok(last);
-            }
-            Ok(_) => {}
-            Err(e) => return Err(Error::io("reading", Path::new("stdin"), e)),
-        }
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        if line == "exit" {
-            return Ok(last);
-        }
-        let argv = vec!["sh".to_string(), "-c".to_string(), line.to_string()];
-        let t0 = Instant::now();
-        last = match guest::exec_streamed(sb, &base(argv.clone())?) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("vmm: {e}");
-                1
-            }
-        };
-        sb.record_exec(&argv, last, t0.elapsed());
-    }
+    let exit = client::run_interactive(&mut c, req).map_err(|e| Error::Agent {
+        sandbox: sb.meta.name.clone(),
+        message: e.to_string(),
+    })?;
+    let code = guest::exit_code(&exit);
+    sb.record_exec(&["(login shell, terminal)".to_string()], code, t0.elapsed());
+    Ok(code)
 }
 
+/// Every sandbox, failed ones included.
 fn all_sandboxes(ctx: &Ctx) -> Result<Vec<Sandbox>> {
     let mut out = Vec::new();
     for name in ctx.store.names(Kind::Sandbox)? {
@@ -175,11 +205,14 @@ fn sandbox_json(sb: &Sandbox, status: Status) -> Value {
     json!({
         "name": m.name,
         "status": status.as_str(),
+        "failure": sb.failure(),
         "vcpus": m.vcpus,
         "mem_mib": m.mem_mib,
         "created": format_utc(m.created),
-        "pid": if status == Status::Stopped { None } else { m.pid },
+        "pid": m.pid.filter(|_| sb.vmm_alive()),
         "origin": m.origin,
+        "tap": m.net.as_ref().map(|n| &n.tap),
+        "mac": m.net.as_ref().and_then(|n| n.mac.as_ref()),
         "schedule": m.schedule.as_ref().map(|s| &s.spec),
     })
 }
@@ -229,7 +262,7 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<i32> {
                 .and_then(|s| s.next_after(now()))
                 .map(format_utc);
             let extra = json!({
-                "started": sb.meta.started.filter(|_| st != Status::Stopped).map(format_utc),
+                "started": sb.meta.started.filter(|_| sb.vmm_alive()).map(format_utc),
                 "image": sb.meta.image,
                 "kernel": sb.meta.kernel,
                 "cmdline": sb.meta.cmdline,
@@ -255,10 +288,7 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<i32> {
                 Err(e) => json!({ "error": e.to_string() }),
             };
             let sandboxes = all_sandboxes(ctx)?;
-            let running = sandboxes
-                .iter()
-                .filter(|s| s.status() != Status::Stopped)
-                .count();
+            let running = sandboxes.iter().filter(|s| s.vmm_alive()).count();
             let snaps = snapshot::list(ctx)?;
             json!({
                 "state_dir": ctx.store.root(),
@@ -317,14 +347,18 @@ fn key_values(v: &Value) -> String {
 
 /// `vmm stop NAME [-f]`.
 pub fn stop(ctx: &Ctx, a: &StopArgs) -> Result<i32> {
+    // Found before locking: no lock file for a name that does not exist.
+    Sandbox::load(ctx, &a.name)?;
     let _lock = ctx.store.lock_sandbox(&a.name)?;
     let mut sb = Sandbox::load(ctx, &a.name)?;
     sb.stop(ctx, a.force)?;
     Ok(0)
 }
 
-/// `vmm rm NAME [-f]`.
+/// `vmm rm NAME [-f]`: also a sandbox whose creation failed or was
+/// interrupted (its VMM may still run: -f).
 pub fn rm(ctx: &Ctx, a: &RmArgs) -> Result<i32> {
+    Sandbox::load(ctx, &a.name)?;
     let _lock = ctx.store.lock_sandbox(&a.name)?;
     let mut sb = Sandbox::load(ctx, &a.name)?;
     if sb.vmm_alive() {
@@ -337,7 +371,7 @@ pub fn rm(ctx: &Ctx, a: &RmArgs) -> Result<i32> {
         }
         sb.stop(ctx, true)?;
     }
-    sb.remove_files()?;
+    sb.remove_files(ctx)?;
     Ok(0)
 }
 

@@ -13,6 +13,9 @@ pub enum Error {
     NoSandbox(String),
     #[error("no snapshot named {0:?}")]
     NoSnapshot(String),
+    /// Creating a sandbox or snapshot under a name already taken.
+    #[error("{what} {name} already exists")]
+    Exists { what: &'static str, name: String },
     /// The user asked for something that cannot be done as asked.
     #[error("{0}")]
     Invalid(String),
@@ -37,6 +40,23 @@ pub enum Error {
     },
     #[error("sandbox {sandbox}: guest agent: {message}")]
     Agent { sandbox: String, message: String },
+    /// The guest agent of a (re)started sandbox did not answer in time;
+    /// `then` says what became of the sandbox.
+    #[error("sandbox {sandbox}: the guest agent did not answer within {secs}s ({cause}); {then}")]
+    AgentTimeout {
+        sandbox: String,
+        secs: u64,
+        cause: String,
+        then: String,
+    },
+    /// A snapshot was written completely but its source sandbox could not be
+    /// put back in its run state afterwards (the snapshot is kept).
+    #[error("snapshot {snapshot} is ready, but sandbox {sandbox} could not be resumed: {cause}")]
+    NotResumed {
+        snapshot: String,
+        sandbox: String,
+        cause: Box<Error>,
+    },
     /// A runtime failure with its context already in the message.
     #[error("{0}")]
     Failed(String),

@@ -16,15 +16,18 @@ mod disk;
 mod error;
 mod guest;
 mod names;
+mod net;
 mod output;
 mod process;
 mod sandbox;
 mod schedule;
 mod snap_commands;
+mod snap_remove;
 mod snapshot;
 mod store;
 
-use args::Common;
+use std::path::{Path, PathBuf};
+
 use config::ProductConfig;
 use error::Result;
 use output::Progress;
@@ -40,12 +43,12 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn open(common: &Common, progress: Progress) -> Result<Self> {
-        let root = common
-            .state_dir
-            .clone()
+    /// The state directory: `--state-dir`, else `VMM_STATE_DIR`, else the
+    /// default.
+    fn open(state_dir: Option<PathBuf>, progress: Progress) -> Result<Self> {
+        let root = state_dir
             .or_else(|| std::env::var_os("VMM_STATE_DIR").map(Into::into))
-            .filter(|p: &std::path::PathBuf| !p.as_os_str().is_empty())
+            .filter(|p: &PathBuf| !p.as_os_str().is_empty())
             .unwrap_or_else(store::default_root);
         let mut ctx = Self::at(&root)?;
         ctx.progress = progress;
@@ -54,7 +57,7 @@ impl Ctx {
 
     /// The state directory at `root`, without progress output (for work
     /// done in the background, such as a VMM's scheduled snapshots).
-    fn at(root: &std::path::Path) -> Result<Self> {
+    fn at(root: &Path) -> Result<Self> {
         let store = Store::open(root)?;
         let config = ProductConfig::load(&store)?;
         Ok(Ctx {
@@ -68,14 +71,14 @@ impl Ctx {
 /// Starts the snapshot scheduler of sandbox `name` (state directory
 /// `state_dir`) in this VMM process; called by `vmm run --sandbox` before
 /// any other thread starts (see [`schedule::spawn_in_vmm`]).
-pub fn start_scheduler(state_dir: &std::path::Path, name: &str) -> std::result::Result<(), String> {
+pub fn start_scheduler(state_dir: &Path, name: &str) -> std::result::Result<(), String> {
     names::validate("sandbox", name).map_err(|e| e.to_string())?;
     schedule::spawn_in_vmm(state_dir, name).map_err(|e| e.to_string())
 }
 
 /// A product command.
 pub enum Command {
-    Use(UseArgs),
+    Use(Box<UseArgs>),
     Ls(LsArgs),
     Status(StatusArgs),
     Stop(StopArgs),
@@ -84,22 +87,9 @@ pub enum Command {
     Snapshot(SnapshotArgs),
 }
 
-impl Command {
-    fn common(&self) -> &Common {
-        match self {
-            Command::Use(a) => &a.common,
-            Command::Ls(a) => &a.common,
-            Command::Status(a) => &a.common,
-            Command::Stop(a) => &a.common,
-            Command::Rm(a) => &a.common,
-            Command::Logs(a) => &a.common,
-            Command::Snapshot(a) => &a.common,
-        }
-    }
-}
-
-/// Runs a product command; returns the exit code.
-pub fn run(cmd: Command) -> i32 {
+/// Runs a product command on the state directory `state_dir` (when given);
+/// returns the exit code.
+pub fn run(cmd: Command, state_dir: Option<PathBuf>) -> i32 {
     // `snapshot gc` reaps itself and reports what it removed.
     let gc = matches!(
         &cmd,
@@ -108,7 +98,7 @@ pub fn run(cmd: Command) -> i32 {
             ..
         })
     );
-    let ctx = match Ctx::open(cmd.common(), Progress::new()) {
+    let ctx = match Ctx::open(state_dir, Progress::new()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("vmm: {e}");
@@ -117,7 +107,7 @@ pub fn run(cmd: Command) -> i32 {
     };
     if !gc {
         // The reaper runs on every command; its trouble must not stop it.
-        match snapshot::reap(&ctx) {
+        match snap_remove::reap(&ctx) {
             Ok(gone) => {
                 for n in gone {
                     log::info!("removed expired snapshot {n}");
@@ -127,7 +117,7 @@ pub fn run(cmd: Command) -> i32 {
         }
     }
     let result = match cmd {
-        Command::Use(a) => commands::use_(&ctx, a),
+        Command::Use(a) => commands::use_(&ctx, *a),
         Command::Ls(a) => commands::ls(&ctx, &a),
         Command::Status(a) => commands::status(&ctx, &a),
         Command::Stop(a) => commands::stop(&ctx, &a),

@@ -1,5 +1,6 @@
 //! Sandbox and snapshot names: 1 to 40 of lowercase letters, digits and
 //! hyphens, so they are safe as file names, in sockets paths and in shells.
+//! And snapshot ids: names can be reused, ids are not.
 
 use super::clock::LocalTime;
 use super::error::{Error, Result};
@@ -23,6 +24,19 @@ pub fn validate(what: &str, name: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// A fresh random 128-bit id in hex: what tells two snapshots apart that
+/// had the same name at different times. Read from /dev/urandom (allowed to
+/// the VMM's scheduler thread, which takes snapshots too).
+pub fn random_id() -> Result<String> {
+    use std::io::Read;
+    let path = std::path::Path::new("/dev/urandom");
+    let mut bytes = [0u8; 16];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error::io("reading", path, e))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The automatic snapshot name `SANDBOX-YYYYMMDD-HHMMSS` (local time); the
@@ -65,6 +79,17 @@ mod tests {
             assert!(e.contains(want), "{name:?}: {e}");
             assert!(e.starts_with("snapshot name"), "{e}");
         }
+    }
+
+    #[test]
+    fn ids_are_random_hex() {
+        let a = random_id().unwrap();
+        let b = random_id().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Sandboxes: a named background VMM with its own disk copy, vsock and API
-//! sockets and logs. Created by booting the default guest or by restoring a
-//! snapshot; stopped (the VMM ends, the disk stays) and started again (a
-//! fresh boot from its disk); removed.
+//! sockets, logs and optionally a TAP network interface. Created by booting
+//! the default guest or by restoring a snapshot; stopped (the VMM ends, the
+//! disk stays) and started again (a fresh boot from its disk); removed.
+//!
+//! Creation (and what a failed or interrupted one leaves) is in
+//! sandbox/create.rs.
 
 use std::ffi::OsString;
 use std::io::{Read, Seek, SeekFrom};
@@ -12,15 +15,21 @@ use serde::{Deserialize, Serialize};
 
 use super::api::ApiClient;
 use super::clock;
-use super::config::DEFAULT_CMDLINE;
 use super::disk;
 use super::error::{Error, Result};
 use super::guest;
+use super::names;
+use super::net::NetMeta;
 use super::process::{self, arg};
 use super::schedule::{SANDBOX_FLAG, STATE_FLAG};
-use super::snapshot::{SnapKind, SnapshotMeta};
-use super::store::{read_json, write_json_atomic, META_FILE};
+use super::snap_remove::Pinned;
+use super::snapshot::{self, SnapKind};
+use super::store::{read_json, write_json_atomic, Kind, META_FILE};
 use super::Ctx;
+
+mod create;
+
+pub use create::{BootSpec, Guest};
 
 /// Guest CID of every sandbox (each has its own vsock device and socket).
 const GUEST_CID: u32 = 3;
@@ -46,11 +55,33 @@ pub struct ScheduleMeta {
     pub expires_in_secs: Option<u64>,
 }
 
+/// Where a sandbox's creation stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lifecycle {
+    /// Being created by `creator_pid` (if that process is gone, the
+    /// creation was interrupted).
+    Creating,
+    /// Created (metadata of older versions has no lifecycle: ready).
+    #[default]
+    Ready,
+    /// Creation failed; kept for its logs until removed.
+    Failed,
+}
+
 /// `sandboxes/NAME/meta.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxMeta {
     pub name: String,
     pub created: i64,
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+    /// The process creating the sandbox, while it is creating.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator_pid: Option<u32>,
+    /// Why creation failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
     pub kernel: PathBuf,
     pub cmdline: String,
     pub vcpus: u8,
@@ -59,6 +90,9 @@ pub struct SandboxMeta {
     /// The named image a booted sandbox was created from (`use --image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The network interface (`--tap`), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetMeta>,
     /// The VMM process while one was started (check with `status`).
     #[serde(default)]
     pub pid: Option<u32>,
@@ -68,6 +102,10 @@ pub struct SandboxMeta {
     /// next diff snapshot (none right after a boot).
     #[serde(default)]
     pub mem_baseline: Option<String>,
+    /// That snapshot's id: a name can be reused by another snapshot, which a
+    /// diff must not be stored against (none from older versions: no diff).
+    #[serde(default)]
+    pub mem_baseline_id: Option<String>,
     #[serde(default)]
     pub schedule: Option<ScheduleMeta>,
 }
@@ -81,6 +119,10 @@ pub enum Status {
     Stopped,
     /// The VMM process lives but its API does not answer.
     Unresponsive,
+    /// Being created.
+    Creating,
+    /// Its creation failed or was interrupted: only `logs` and `rm` apply.
+    Failed,
 }
 
 impl Status {
@@ -90,6 +132,8 @@ impl Status {
             Status::Paused => "paused",
             Status::Stopped => "stopped",
             Status::Unresponsive => "unresponsive",
+            Status::Creating => "creating",
+            Status::Failed => "failed",
         }
     }
 }
@@ -134,30 +178,25 @@ pub struct Sandbox {
     pub paths: Paths,
 }
 
-/// What a new sandbox boots.
-#[derive(Debug, Clone)]
-pub struct BootSpec {
-    /// The image name when the guest came from `--image`.
-    pub image: Option<String>,
-    pub kernel: PathBuf,
-    pub rootfs: PathBuf,
-    pub vcpus: u8,
-    pub mem_mib: u64,
-    pub cmdline: Option<String>,
-}
-
 impl Sandbox {
-    /// Loads a sandbox; `Error::NoSandbox` when it does not exist.
+    /// Loads a sandbox (checking the name first); `Error::NoSandbox` when
+    /// it does not exist.
     pub fn load(ctx: &Ctx, name: &str) -> Result<Self> {
+        names::validate("sandbox", name)?;
         let paths = Paths::new(ctx.store.sandbox_dir(name));
         match read_json::<SandboxMeta>(&paths.meta)? {
             Some(meta) => Ok(Sandbox { meta, paths }),
+            None if paths.dir.is_dir() => Ok(Sandbox {
+                meta: SandboxMeta::broken(name, &paths.dir),
+                paths,
+            }),
             None => Err(Error::NoSandbox(name.to_string())),
         }
     }
 
+    /// Whether the name is taken (also by a failed or broken sandbox).
     pub fn exists(ctx: &Ctx, name: &str) -> bool {
-        ctx.store.sandbox_dir(name).join(META_FILE).is_file()
+        ctx.store.sandbox_dir(name).symlink_metadata().is_ok()
     }
 
     pub fn save(&self) -> Result<()> {
@@ -182,7 +221,19 @@ impl Sandbox {
         self.meta.pid.is_some_and(|pid| process::alive(pid, &[]))
     }
 
+    /// Whether the process that is creating the sandbox still runs.
+    fn creator_alive(&self) -> bool {
+        self.meta
+            .creator_pid
+            .is_some_and(|pid| process::alive(pid, &[]))
+    }
+
     pub fn status(&self) -> Status {
+        match self.meta.lifecycle {
+            Lifecycle::Ready => {}
+            Lifecycle::Creating if self.creator_alive() => return Status::Creating,
+            Lifecycle::Creating | Lifecycle::Failed => return Status::Failed,
+        }
         if !self.vmm_alive() {
             return Status::Stopped;
         }
@@ -191,91 +242,6 @@ impl Sandbox {
             Ok("Paused") => Status::Paused,
             _ => Status::Unresponsive,
         }
-    }
-
-    /// A new sandbox booted from a copy of `spec.rootfs`. The caller holds
-    /// the sandbox's lock and has checked the name is free.
-    pub fn create_boot(ctx: &Ctx, name: &str, spec: &BootSpec) -> Result<Self> {
-        let paths = Paths::new(ctx.store.sandbox_dir(name));
-        make_dir(&paths.dir)?;
-        let result = (|| {
-            ctx.progress
-                .step(&format!("copying {}", spec.rootfs.display()));
-            disk::copy_file(&spec.rootfs, &paths.disk)?;
-            let mut sb = Sandbox {
-                meta: SandboxMeta {
-                    name: name.to_string(),
-                    created: clock::now(),
-                    kernel: spec.kernel.clone(),
-                    cmdline: spec
-                        .cmdline
-                        .clone()
-                        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
-                    vcpus: spec.vcpus,
-                    mem_mib: spec.mem_mib,
-                    origin: Origin::Boot {
-                        rootfs: spec.rootfs.clone(),
-                    },
-                    image: spec.image.clone(),
-                    pid: None,
-                    started: None,
-                    mem_baseline: None,
-                    schedule: None,
-                },
-                paths: paths.clone(),
-            };
-            sb.save()?;
-            sb.boot(ctx)?;
-            Ok(sb)
-        })();
-        if result.is_err() {
-            discard(&paths);
-        }
-        result
-    }
-
-    /// A new sandbox from a ready snapshot: its disk, and (unless the
-    /// snapshot is disk-only) its memory and devices, so processes continue.
-    pub fn create_from_snapshot(ctx: &Ctx, name: &str, snap: &SnapshotMeta) -> Result<Self> {
-        let paths = Paths::new(ctx.store.sandbox_dir(name));
-        make_dir(&paths.dir)?;
-        let result = (|| {
-            let snap_dir = ctx.store.snapshot_dir(&snap.name);
-            ctx.progress
-                .step(&format!("copying the disk of snapshot {}", snap.name));
-            let method = disk::copy_file(&snap_dir.join("disk"), &paths.disk)?;
-            log::debug!("disk copy by {method:?}");
-            let mut sb = Sandbox {
-                meta: SandboxMeta {
-                    name: name.to_string(),
-                    created: clock::now(),
-                    kernel: snap.kernel.clone(),
-                    cmdline: snap.cmdline.clone(),
-                    vcpus: snap.vcpus,
-                    mem_mib: snap.mem_mib,
-                    origin: Origin::Snapshot {
-                        snapshot: snap.name.clone(),
-                    },
-                    image: None,
-                    pid: None,
-                    started: None,
-                    mem_baseline: None,
-                    schedule: None,
-                },
-                paths: paths.clone(),
-            };
-            sb.save()?;
-            if snap.kind == SnapKind::Disk {
-                sb.boot(ctx)?;
-            } else {
-                sb.restore(ctx, snap)?;
-            }
-            Ok(sb)
-        })();
-        if result.is_err() {
-            discard(&paths);
-        }
-        result
     }
 
     /// Starts a VMM process with `args` (`run ...`), records its pid. The
@@ -318,18 +284,24 @@ impl Sandbox {
             p.serial.clone().into(),
             "--track-dirty-pages".into(),
         ]);
+        if let Some(net) = &self.meta.net {
+            args.extend(["--net".into(), net.run_arg().into()]);
+        }
         ctx.progress
             .step(&format!("booting sandbox {}", self.meta.name));
         self.meta.mem_baseline = None;
+        self.meta.mem_baseline_id = None;
         self.spawn(ctx, args)?;
         self.wait_api()?;
         self.wait_agent(ctx.config.boot_timeout())?;
         Ok(())
     }
 
-    /// Restores `snap` into a fresh VMM process and waits for the agent.
-    fn restore(&mut self, ctx: &Ctx, snap: &SnapshotMeta) -> Result<()> {
-        let (state, memory) = super::snapshot::loadable_files(ctx, snap, &self.paths)?;
+    /// Restores the pinned snapshot into a fresh VMM process (the pin is
+    /// released once the VMM has its files) and waits for the agent.
+    fn restore(&mut self, ctx: &Ctx, pin: Pinned) -> Result<()> {
+        let snap = &pin.meta;
+        let (state, memory) = snapshot::loadable_files(ctx, &pin, &self.paths)?;
         let args: Vec<OsString> = vec![
             "run".into(),
             "--api-sock".into(),
@@ -342,14 +314,17 @@ impl Sandbox {
         let t0 = Instant::now();
         self.spawn(ctx, args)?;
         self.wait_api()?;
-        let loaded = self
-            .api()
-            .load_snapshot(&state, &memory, &self.paths.disk, &self.paths.vsock);
+        let tap = self.meta.net.as_ref().map(|n| n.tap.as_str());
+        let loaded =
+            self.api()
+                .load_snapshot(&state, &memory, &self.paths.disk, &self.paths.vsock, tap);
         if let Err(e) = loaded {
             self.kill();
             return Err(e);
         }
         self.meta.mem_baseline = Some(snap.name.clone());
+        self.meta.mem_baseline_id = snap.id.clone();
+        drop(pin);
         self.save()?;
         log::debug!("restore took {:?}", t0.elapsed());
         self.wait_agent(ctx.config.boot_timeout())?;
@@ -379,7 +354,10 @@ impl Sandbox {
         }
     }
 
-    /// Waits for the guest agent, failing early if the VMM dies.
+    /// Waits for the guest agent, failing early if the VMM dies. On a
+    /// timeout the error says what becomes of the sandbox: a new one is kept
+    /// as failed with its VMM stopped (see [`Sandbox::create`]), an existing
+    /// one is left running.
     pub fn wait_agent(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -387,13 +365,31 @@ impl Sandbox {
             match guest::wait_ready(self, slice) {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => {
-                    return Err(Error::Failed(format!(
-                        "sandbox {}: the guest agent did not answer within {}s ({e}); \
-                         the sandbox is left running, see `vmm logs {}`",
-                        self.meta.name,
-                        timeout.as_secs(),
-                        self.meta.name
-                    )))
+                    let name = &self.meta.name;
+                    let console = match last_line(&self.paths.serial) {
+                        Some(line) => format!(" (its last line: {line:?})"),
+                        None => " (empty)".to_string(),
+                    };
+                    let then = if self.meta.lifecycle == Lifecycle::Creating {
+                        format!(
+                            "the new sandbox is kept as failed, its VMM stopped: `vmm logs \
+                             {name}` shows its console{console}, `vmm rm {name}` removes it"
+                        )
+                    } else {
+                        format!(
+                            "the sandbox is left running: `vmm logs {name}` shows its \
+                             console{console}, `vmm stop {name}` stops it"
+                        )
+                    };
+                    return Err(Error::AgentTimeout {
+                        sandbox: name.clone(),
+                        secs: timeout.as_secs(),
+                        cause: match e {
+                            Error::Agent { message, .. } => message,
+                            other => other.to_string(),
+                        },
+                        then,
+                    });
                 }
                 Err(_) => {}
             }
@@ -441,6 +437,7 @@ impl Sandbox {
                 "sandbox {} does not answer on its API socket; `vmm stop -f {}` ends it",
                 self.meta.name, self.meta.name
             ))),
+            Status::Creating | Status::Failed => self.require_ready(),
         }
     }
 
@@ -473,6 +470,7 @@ impl Sandbox {
         }
         self.meta.pid = None;
         self.meta.mem_baseline = None;
+        self.meta.mem_baseline_id = None;
         self.save()
     }
 
@@ -487,10 +485,9 @@ impl Sandbox {
         }
     }
 
-    /// Removes the sandbox's files (the VMM must be gone).
-    pub fn remove_files(&self) -> Result<()> {
-        std::fs::remove_dir_all(&self.paths.dir)
-            .map_err(|e| Error::io("removing", &self.paths.dir, e))
+    /// Removes the sandbox and its files (the VMM must be gone).
+    pub fn remove_files(&self, ctx: &Ctx) -> Result<()> {
+        ctx.store.remove_entry(Kind::Sandbox, &self.meta.name)
     }
 
     /// Appends one exec record to the history log.
@@ -517,29 +514,6 @@ impl Sandbox {
     }
 }
 
-/// Creates a sandbox directory; an existing one is a name clash.
-fn make_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir(dir).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            Error::Invalid(format!("{} already exists", dir.display()))
-        } else {
-            Error::io("creating", dir, e)
-        }
-    })
-}
-
-/// Removes what a failed creation left, killing its VMM.
-fn discard(paths: &Paths) {
-    if let Ok(Some(meta)) = read_json::<SandboxMeta>(&paths.meta) {
-        Sandbox {
-            meta,
-            paths: paths.clone(),
-        }
-        .kill();
-    }
-    let _ = std::fs::remove_dir_all(&paths.dir);
-}
-
 /// Arguments joined for display, quoted where a shell would need it.
 pub fn shell_words(argv: &[String]) -> String {
     argv.iter()
@@ -561,19 +535,25 @@ pub fn shell_words(argv: &[String]) -> String {
 /// prints one `vmm: ...` line before exiting 1 or 2); None after a clean
 /// stop or reboot, which print nothing.
 fn crash_line(vmm_log: &Path) -> Option<String> {
-    // The log is appended to across boots: read only its end.
-    let mut f = std::fs::File::open(vmm_log).ok()?;
+    last_line(vmm_log).filter(|l| l.starts_with("vmm: "))
+}
+
+/// The last non-empty line of a log (appended to across boots: only its end
+/// is read), without control characters and at most 200 characters long.
+fn last_line(path: &Path) -> Option<String> {
+    let mut f = std::fs::File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
     f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
     let mut tail = Vec::new();
     f.read_to_end(&mut tail).ok()?;
-    let last = String::from_utf8_lossy(&tail)
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())?
-        .trim()
-        .to_string();
-    last.starts_with("vmm: ").then_some(last)
+    let text = String::from_utf8_lossy(&tail);
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    let clean: String = line.chars().filter(|c| !c.is_control()).collect();
+    let clean = clean.trim();
+    Some(match clean.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}...", &clean[..cut]),
+        None => clean.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -23,7 +23,8 @@ use super::cron::Schedule;
 use super::error::{Error, Result};
 use super::process;
 use super::sandbox::{Sandbox, ScheduleMeta, Status};
-use super::snapshot::{self, GuestSync, SaveOptions, SnapKind, SnapStatus, SnapshotMeta};
+use super::snap_remove;
+use super::snapshot::{self, GuestSync, SaveOptions, SnapKind, SnapshotMeta};
 use super::Ctx;
 
 /// `vmm run` flag naming the sandbox whose schedule the VMM runs.
@@ -51,6 +52,8 @@ pub fn set(
         ),
         None => None,
     };
+    // Found before locking: no lock file for a name that does not exist.
+    Sandbox::load(ctx, name)?;
     let _lock = ctx.store.lock_sandbox(name)?;
     let mut sb = Sandbox::load(ctx, name)?;
     sb.meta.schedule = spec.map(|s| ScheduleMeta {
@@ -164,7 +167,7 @@ enum Decision {
 
 /// The pure part of a tick: `ours` says whether the metadata records this
 /// process as the sandbox's VMM; `has_baseline` whether a diff has a ready
-/// parent in this run.
+/// parent in this run (the very snapshot its dirty log counts from).
 fn decide(ours: bool, status: Status, wanted: SnapKind, has_baseline: bool) -> Decision {
     if !ours {
         return Decision::Skip("the sandbox's metadata records another VMM process".into());
@@ -187,7 +190,9 @@ fn decide(ours: bool, status: Status, wanted: SnapKind, has_baseline: bool) -> D
 #[derive(Debug)]
 enum Outcome {
     Skipped(String),
-    Saved(SnapshotMeta),
+    /// Saved, and the error of resuming the sandbox afterwards if that
+    /// failed.
+    Saved(Box<SnapshotMeta>, Option<Error>),
     Failed(Error),
 }
 
@@ -209,10 +214,7 @@ fn tick(ctx: &Ctx, name: &str, s: &ScheduleMeta) -> Outcome {
     };
     let ours = sb.meta.pid == Some(std::process::id());
     let status = if ours { sb.status() } else { Status::Stopped };
-    let has_baseline =
-        sb.meta.mem_baseline.as_deref().is_some_and(|b| {
-            SnapshotMeta::load(ctx, b).is_ok_and(|m| m.status == SnapStatus::Ready)
-        });
+    let has_baseline = snapshot::diff_parent(ctx, &sb).is_ok();
     match decide(ours, status, s.kind, has_baseline) {
         Decision::Skip(why) => Outcome::Skipped(why),
         Decision::Save { kind, resume } => {
@@ -224,7 +226,7 @@ fn tick(ctx: &Ctx, name: &str, s: &ScheduleMeta) -> Outcome {
                 expires_in: s.expires_in_secs.map(Duration::from_secs),
             };
             match snapshot::save(ctx, name, &opts) {
-                Ok(m) => Outcome::Saved(m),
+                Ok((m, not_resumed)) => Outcome::Saved(Box::new(m), not_resumed),
                 Err(e) => Outcome::Failed(e),
             }
         }
@@ -298,16 +300,21 @@ fn run(ctx: &Ctx, name: &str) {
         }
         if let Some(s) = plan.due(clock::now()) {
             match tick(ctx, name, &s) {
-                Outcome::Saved(m) => say(&format!(
-                    "snapshot {} ({}) ready in {} ms",
-                    m.name,
-                    m.kind.as_str(),
-                    m.took_ms.unwrap_or(0)
-                )),
+                Outcome::Saved(m, not_resumed) => {
+                    say(&format!(
+                        "snapshot {} ({}) ready in {} ms",
+                        m.name,
+                        m.kind.as_str(),
+                        m.took_ms.unwrap_or(0)
+                    ));
+                    if let Some(e) = not_resumed {
+                        say(&e.to_string());
+                    }
+                }
                 Outcome::Skipped(why) => say(&format!("tick skipped: {why}")),
                 Outcome::Failed(e) => say(&format!("snapshot failed: {e}")),
             }
-            match snapshot::reap(ctx) {
+            match snap_remove::reap(ctx) {
                 Ok(gone) if !gone.is_empty() => say(&format!("expired: {}", gone.join(" "))),
                 Ok(_) => {}
                 Err(e) => say(&format!("reaper: {e}")),
@@ -323,7 +330,7 @@ fn run(ctx: &Ctx, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::super::sandbox::{Origin, SandboxMeta};
-    use super::super::store::tests::TempDir;
+    use super::super::store::{tests::TempDir, Kind};
     use super::*;
 
     fn every(secs: u64, kind: SnapKind) -> ScheduleMeta {
@@ -447,22 +454,21 @@ mod tests {
     fn sandbox_in(ctx: &Ctx, name: &str, pid: Option<u32>) {
         let dir = ctx.store.sandbox_dir(name);
         std::fs::create_dir_all(&dir).unwrap();
-        let meta = SandboxMeta {
-            name: name.into(),
-            created: 0,
+        let guest = super::super::sandbox::Guest {
             kernel: "/k".into(),
             cmdline: "c".into(),
             vcpus: 1,
             mem_mib: 128,
-            origin: Origin::Boot {
-                rootfs: "/r".into(),
-            },
             image: None,
-            pid,
-            started: None,
-            mem_baseline: None,
-            schedule: Some(every(5, SnapKind::Full)),
         };
+        let origin = Origin::Boot {
+            rootfs: "/r".into(),
+        };
+        let mut meta = SandboxMeta::creating(name, guest, origin, None);
+        meta.lifecycle = super::super::sandbox::Lifecycle::Ready;
+        meta.creator_pid = None;
+        meta.pid = pid;
+        meta.schedule = Some(every(5, SnapKind::Full));
         let sb = Sandbox {
             meta,
             paths: super::super::sandbox::Paths::new(dir),
@@ -533,9 +539,20 @@ mod tests {
             let to = ctx.store.snapshot_dir("s1").join("disk");
             super::super::disk::copy_file(&sb.paths.disk, &to).unwrap();
             assert_eq!(std::fs::metadata(&to).unwrap().len(), 3 << 20);
-            assert!(snapshot::list(&ctx).unwrap().is_empty());
-            assert!(snapshot::reap(&ctx).unwrap().is_empty());
+            assert_eq!(
+                snapshot::list(&ctx).unwrap().len(),
+                1,
+                "s1, without metadata"
+            );
             std::fs::remove_dir_all(ctx.store.snapshot_dir("s1")).unwrap();
+            // Entries are made and removed by renames; ids from /dev/urandom.
+            let mut m = super::super::snapshot::tests::meta("s2", None);
+            m.id = Some(super::super::names::random_id().unwrap());
+            ctx.store.create_entry(Kind::Snapshot, "s2", &m).unwrap();
+            let pin = snap_remove::pin(&ctx, "s2").unwrap();
+            drop(pin);
+            ctx.store.remove_entry(Kind::Snapshot, "s2").unwrap();
+            assert!(snap_remove::reap(&ctx).unwrap().is_empty());
             let _ = clock::LocalTime::local(clock::now());
             say("filtered scheduler thread");
             drop(lock);

@@ -6,9 +6,11 @@ use super::args::{SaveArgs, SnapshotCommand};
 use super::clock::{format_duration, format_local, format_utc, now};
 use super::error::{Error, Result};
 use super::names;
+use super::net;
 use super::output::{human_size, json, Format, Table};
 use super::sandbox::Sandbox;
 use super::schedule;
+use super::snap_remove;
 use super::snapshot::{self, SaveOptions, SnapshotMeta};
 use super::Ctx;
 
@@ -27,24 +29,33 @@ pub fn run(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
             Ok(0)
         }
         SnapshotCommand::Rm(a) => {
-            for n in snapshot::remove(ctx, &a.names, a.force)? {
-                println!("{n}");
-            }
+            snap_remove::remove(ctx, &a.names, a.force, |n| println!("{n}"))?;
             Ok(0)
         }
         SnapshotCommand::Restore(a) => {
+            names::validate("snapshot", &a.name)?;
             names::validate("sandbox", &a.into)?;
+            let taken = || Error::Exists {
+                what: "sandbox",
+                name: a.into.clone(),
+            };
+            if Sandbox::exists(ctx, &a.into) {
+                return Err(taken());
+            }
+            // The snapshot is pinned (kept from `snapshot rm` and expiry)
+            // until the new sandbox has what it needs of it.
+            let pin = snap_remove::pin(ctx, &a.name)?;
+            let tap = net::for_snapshot(&pin.meta, a.tap.as_deref(), a.mac.as_deref())?;
+            net::check_free(ctx, tap.as_ref())?;
             let _lock = ctx.store.lock_sandbox(&a.into)?;
             if Sandbox::exists(ctx, &a.into) {
-                return Err(Error::Invalid(format!("sandbox {} already exists", a.into)));
+                return Err(taken());
             }
-            let meta = SnapshotMeta::load(ctx, &a.name)?;
-            meta.require_ready()?;
-            Sandbox::create_from_snapshot(ctx, &a.into, &meta)?;
+            Sandbox::create_from_snapshot(ctx, &a.into, pin, tap)?;
             Ok(0)
         }
         SnapshotCommand::Gc(_) => {
-            for n in snapshot::reap(ctx)? {
+            for n in snap_remove::reap(ctx)? {
                 println!("{n}");
             }
             Ok(0)
@@ -63,6 +74,9 @@ pub fn run(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
 
 fn save(ctx: &Ctx, a: &SaveArgs) -> Result<i32> {
     names::validate("sandbox", &a.sandbox)?;
+    if let Some(n) = &a.name {
+        names::validate("snapshot", n)?;
+    }
     let opts = SaveOptions {
         name: a.name.clone(),
         kind: a.kind,
@@ -70,23 +84,35 @@ fn save(ctx: &Ctx, a: &SaveArgs) -> Result<i32> {
         guest_sync: a.guest_sync,
         expires_in: a.expires_in.or(ctx.config.default_expiry()?),
     };
+    // Found before locking: no lock file for a name that does not exist.
+    Sandbox::load(ctx, &a.sandbox)?;
     let _lock = ctx.store.lock_sandbox(&a.sandbox)?;
-    let meta = snapshot::save(ctx, &a.sandbox, &opts)?;
+    let (meta, not_resumed) = snapshot::save(ctx, &a.sandbox, &opts)?;
     match a.output {
         Format::Json => print!("{}", json(&snapshot_json(&meta))),
         Format::Table => println!("{}", meta.name),
     }
-    Ok(0)
+    // The snapshot is ready; the sandbox's trouble is reported apart.
+    match not_resumed {
+        Some(e) => {
+            eprintln!("vmm: {e}");
+            Ok(e.exit_code())
+        }
+        None => Ok(0),
+    }
 }
 
 fn snapshot_json(m: &SnapshotMeta) -> Value {
     json!({
         "name": m.name,
+        "id": m.id,
         "sandbox": m.sandbox,
         "type": m.kind.as_str(),
         "status": m.status.as_str(),
         "reason": m.reason,
         "parent": m.parent,
+        "parent_id": m.parent_id,
+        "tap": m.net.as_ref().map(|n| &n.tap),
         "size_bytes": m.size_bytes,
         "created": format_utc(m.created),
         "expires": m.expires.map(format_utc),
@@ -132,11 +158,13 @@ mod tests {
     fn listing_shapes() {
         let m = SnapshotMeta {
             name: "before".into(),
+            id: Some("00ff".into()),
             sandbox: "dev".into(),
             kind: SnapKind::Diff,
             status: SnapStatus::Ready,
             reason: None,
             parent: Some("base".into()),
+            parent_id: Some("11ee".into()),
             created: 0,
             expires: None,
             size_bytes: 3 << 20,
@@ -144,6 +172,7 @@ mod tests {
             cmdline: "c".into(),
             vcpus: 1,
             mem_mib: 128,
+            net: None,
             creator_pid: 1,
             guest_sync: Some("synced".into()),
             disk_copy: Some(crate::product::disk::CopyMethod::Diff),

@@ -16,7 +16,16 @@
 //!
 //! The source sandbox is left paused after a snapshot unless
 //! `--resume-source` is given (scheduled snapshots always resume it); any
-//! `vmm use` resumes a paused sandbox.
+//! `vmm use` resumes a paused sandbox. A snapshot written completely stays
+//! ready even when putting the source back in its run state fails.
+//!
+//! Every snapshot has a random id besides its name; a diff records its
+//! parent's, and a sandbox the id of the snapshot its dirty-page log counts
+//! from, so a diff is never stored against (or merged onto) another
+//! snapshot that was later given the same name.
+//!
+//! Removal and expiry, and the pins that keep a snapshot while a sandbox is
+//! made from it, are in snap_remove.rs.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -30,8 +39,10 @@ use super::disk::{self, CopyMethod};
 use super::error::{Error, Result};
 use super::guest;
 use super::names;
+use super::net::NetMeta;
 use super::process;
 use super::sandbox::{Paths, Sandbox, Status};
+use super::snap_remove::{self, Pinned};
 use super::store::{read_json, write_json_atomic, Kind, META_FILE};
 use super::Ctx;
 
@@ -90,6 +101,9 @@ pub enum GuestSync {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotMeta {
     pub name: String,
+    /// Random, 128 bits in hex (none from older versions).
+    #[serde(default)]
+    pub id: Option<String>,
     pub sandbox: String,
     pub kind: SnapKind,
     pub status: SnapStatus,
@@ -98,6 +112,9 @@ pub struct SnapshotMeta {
     /// The snapshot a diff applies to.
     #[serde(default)]
     pub parent: Option<String>,
+    /// Its id when the diff was taken.
+    #[serde(default)]
+    pub parent_id: Option<String>,
     pub created: i64,
     #[serde(default)]
     pub expires: Option<i64>,
@@ -107,6 +124,9 @@ pub struct SnapshotMeta {
     pub cmdline: String,
     pub vcpus: u8,
     pub mem_mib: u64,
+    /// The VM's network interface (its source sandbox's TAP then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<NetMeta>,
     pub creator_pid: u32,
     /// What the guest agent did: "synced", "frozen", "skipped", "failed: ...".
     #[serde(default)]
@@ -135,12 +155,46 @@ pub struct SaveOptions {
 }
 
 impl SnapshotMeta {
+    /// Loads a snapshot's metadata (checking the name first); a directory
+    /// without any (left by an older version) loads as a failed snapshot.
     pub fn load(ctx: &Ctx, name: &str) -> Result<Self> {
-        read_json(&ctx.store.snapshot_dir(name).join(META_FILE))?
-            .ok_or_else(|| Error::NoSnapshot(name.to_string()))
+        names::validate("snapshot", name)?;
+        let dir = ctx.store.snapshot_dir(name);
+        match read_json(&dir.join(META_FILE))? {
+            Some(meta) => Ok(meta),
+            None if dir.is_dir() => Ok(Self::broken(name)),
+            None => Err(Error::NoSnapshot(name.to_string())),
+        }
     }
 
-    fn save(&self, ctx: &Ctx) -> Result<()> {
+    fn broken(name: &str) -> Self {
+        SnapshotMeta {
+            name: name.to_string(),
+            id: None,
+            sandbox: "-".into(),
+            kind: SnapKind::Full,
+            status: SnapStatus::Failed,
+            reason: Some("its directory has no metadata (an interrupted save)".into()),
+            parent: None,
+            parent_id: None,
+            created: 0,
+            expires: None,
+            size_bytes: 0,
+            kernel: PathBuf::new(),
+            cmdline: String::new(),
+            vcpus: 0,
+            mem_mib: 0,
+            net: None,
+            creator_pid: 0,
+            guest_sync: None,
+            disk_copy: None,
+            disk_bytes: None,
+            disk_changed_chunks: None,
+            took_ms: None,
+        }
+    }
+
+    pub fn save(&self, ctx: &Ctx) -> Result<()> {
         write_json_atomic(&ctx.store.snapshot_dir(&self.name).join(META_FILE), self)
     }
 
@@ -161,7 +215,7 @@ impl SnapshotMeta {
     }
 
     /// A "creating" snapshot whose creator died is failed.
-    fn interrupted(&self) -> bool {
+    pub fn interrupted(&self) -> bool {
         self.status == SnapStatus::Creating && !process::alive(self.creator_pid, &[])
     }
 }
@@ -197,7 +251,9 @@ fn auto_name(ctx: &Ctx, sandbox: &str) -> String {
 }
 
 /// Takes a snapshot of `sandbox`. The caller holds the sandbox's lock.
-pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta> {
+/// Returns the ready snapshot and, when the sandbox could not be put back
+/// in its run state afterwards, that error ([`Error::NotResumed`]).
+pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<(SnapshotMeta, Option<Error>)> {
     let mut sb = Sandbox::load(ctx, sandbox)?;
     let status = sb.status();
     match (opts.kind, status) {
@@ -205,6 +261,12 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
             return Err(Error::Failed(format!(
                 "sandbox {sandbox} does not answer on its API socket"
             )))
+        }
+        (_, Status::Creating | Status::Failed) => {
+            sb.require_ready()?;
+            return Err(Error::Invalid(format!(
+                "sandbox {sandbox} is being created"
+            )));
         }
         (SnapKind::Full | SnapKind::Diff, Status::Stopped) => {
             return Err(Error::Invalid(format!(
@@ -214,6 +276,7 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
         }
         _ => {}
     }
+    // A diff's parent chain is pinned until the diff is stored.
     let parent = match opts.kind {
         SnapKind::Diff => Some(diff_parent(ctx, &sb)?),
         _ => None,
@@ -225,22 +288,16 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
         }
         None => auto_name(ctx, sandbox),
     };
-    let dir = ctx.store.snapshot_dir(&name);
-    std::fs::create_dir(&dir).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            Error::Invalid(format!("snapshot {name} already exists"))
-        } else {
-            Error::io("creating", &dir, e)
-        }
-    })?;
     let now = clock::now();
     let mut meta = SnapshotMeta {
         name: name.clone(),
+        id: Some(names::random_id()?),
         sandbox: sandbox.to_string(),
         kind: opts.kind,
         status: SnapStatus::Creating,
         reason: None,
-        parent,
+        parent: parent.as_ref().map(|p| p.meta.name.clone()),
+        parent_id: parent.as_ref().and_then(|p| p.meta.id.clone()),
         created: now,
         expires: opts
             .expires_in
@@ -250,6 +307,7 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
         cmdline: sb.meta.cmdline.clone(),
         vcpus: sb.meta.vcpus,
         mem_mib: sb.meta.mem_mib,
+        net: sb.meta.net.clone(),
         creator_pid: std::process::id(),
         guest_sync: None,
         disk_copy: None,
@@ -257,12 +315,13 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
         disk_changed_chunks: None,
         took_ms: None,
     };
-    meta.save(ctx)?;
+    let dir = ctx.store.create_entry(Kind::Snapshot, &name, &meta)?;
     let t0 = Instant::now();
-    let result = take(ctx, &sb, &dir, &mut meta, status, opts);
+    let result = take(ctx, &sb, &dir, &mut meta, status, opts, parent.as_ref());
+    drop(parent);
     meta.took_ms = Some(u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX));
     match result {
-        Ok(()) => {
+        Ok(not_resumed) => {
             meta.status = SnapStatus::Ready;
             meta.size_bytes = disk::dir_allocated_bytes(&dir);
             meta.disk_bytes = Some(
@@ -273,10 +332,16 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
             );
             meta.save(ctx)?;
             if opts.kind != SnapKind::Disk {
-                sb.meta.mem_baseline = Some(name);
+                sb.meta.mem_baseline = Some(name.clone());
+                sb.meta.mem_baseline_id = meta.id.clone();
                 sb.save()?;
             }
-            Ok(meta)
+            let not_resumed = not_resumed.map(|cause| Error::NotResumed {
+                snapshot: name,
+                sandbox: sandbox.to_string(),
+                cause: Box::new(cause),
+            });
+            Ok((meta, not_resumed))
         }
         Err(e) => {
             meta.status = SnapStatus::Failed;
@@ -294,6 +359,7 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
                 // The VMM may have reset its dirty log: a diff against the
                 // old baseline would miss pages.
                 sb.meta.mem_baseline = None;
+                sb.meta.mem_baseline_id = None;
                 let _ = sb.save();
             }
             Err(e)
@@ -301,25 +367,38 @@ pub fn save(ctx: &Ctx, sandbox: &str, opts: &SaveOptions) -> Result<SnapshotMeta
     }
 }
 
-/// The parent of a diff: the snapshot the sandbox's dirty log counts from.
-fn diff_parent(ctx: &Ctx, sb: &Sandbox) -> Result<String> {
+/// The parent of a diff, pinned: the snapshot the sandbox's dirty log counts
+/// from, if it is still that very snapshot (same id) and ready.
+pub fn diff_parent(ctx: &Ctx, sb: &Sandbox) -> Result<Pinned> {
     let name = &sb.meta.name;
-    let Some(base) = sb.meta.mem_baseline.clone() else {
-        return Err(Error::Invalid(format!(
-            "sandbox {name} has no earlier snapshot in its current run to diff against; \
-             take a full snapshot first"
-        )));
+    let refuse = |why: String| {
+        Error::Invalid(format!(
+            "sandbox {name} cannot take a diff snapshot: {why}; take a full snapshot \
+             (`--type full`)"
+        ))
     };
-    match SnapshotMeta::load(ctx, &base) {
-        Ok(m) if m.status == SnapStatus::Ready => Ok(base),
-        _ => Err(Error::Invalid(format!(
-            "snapshot {base}, which a diff of {name} would build on, is gone or not ready; \
-             take a full snapshot"
-        ))),
+    let (Some(base), Some(id)) = (&sb.meta.mem_baseline, &sb.meta.mem_baseline_id) else {
+        return Err(refuse(
+            "no earlier snapshot of its current run is known to diff against".into(),
+        ));
+    };
+    let pin = snap_remove::pin(ctx, base).map_err(|_| {
+        refuse(format!(
+            "snapshot {base}, which it would build on, is gone or not ready"
+        ))
+    })?;
+    if pin.meta.id.as_deref() != Some(id.as_str()) {
+        return Err(refuse(format!(
+            "snapshot {base} is not the one its memory was saved to (that one was removed \
+             and the name reused)"
+        )));
     }
+    Ok(pin)
 }
 
 /// The steps of a snapshot, restoring the source's run state on the way out.
+/// Returns the error of putting the source back in its run state, if only
+/// that failed.
 fn take(
     ctx: &Ctx,
     sb: &Sandbox,
@@ -327,7 +406,8 @@ fn take(
     meta: &mut SnapshotMeta,
     status: Status,
     opts: &SaveOptions,
-) -> Result<()> {
+    parent: Option<&Pinned>,
+) -> Result<Option<Error>> {
     let api = sb.api();
     let was_running = status == Status::Running;
     let live = status != Status::Stopped;
@@ -377,15 +457,10 @@ fn take(
             };
             api.create_snapshot(kind, &dir.join("vmstate"), &dir.join("memory"))?;
         }
-        if let Some(parent) = meta
-            .parent
-            .as_deref()
-            .filter(|_| opts.kind == SnapKind::Diff)
-        {
+        if let Some(parent) = parent.filter(|_| opts.kind == SnapKind::Diff) {
             ctx.progress
                 .step("storing the disk chunks changed since the parent");
-            let parent = SnapshotMeta::load(ctx, parent)?;
-            let chain = disk_chain(ctx, &ancestry(ctx, &parent)?)?;
+            let chain = disk_chain(ctx, &parent.chain)?;
             let summary = disk_diff::save_diff(&sb.paths.disk, &chain, dir)?;
             meta.disk_copy = Some(CopyMethod::Diff);
             meta.disk_changed_chunks = Some(summary.changed_chunks);
@@ -399,15 +474,18 @@ fn take(
         Ok(())
     };
     let result = steps();
-    if live {
-        // Run state afterwards: running if asked (or if it ran and the
-        // snapshot failed), else as the snapshot left it, paused; a frozen
-        // guest must run to be thawed first.
-        let run_after = if result.is_ok() {
-            opts.resume_source
-        } else {
-            was_running
-        };
+    if !live {
+        return result.map(|()| None);
+    }
+    // Run state afterwards: running if asked (or if it ran and the snapshot
+    // failed), else as the snapshot left it, paused; a frozen guest must run
+    // to be thawed first.
+    let run_after = if result.is_ok() {
+        opts.resume_source
+    } else {
+        was_running
+    };
+    let after = (|| -> Result<()> {
         if frozen || run_after {
             api.resume()?;
         }
@@ -422,14 +500,26 @@ fn take(
                 api.pause()?;
             }
         }
+        Ok(())
+    })();
+    match (result, after) {
+        (Ok(()), after) => Ok(after.err()),
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(again)) => {
+            log::warn!(
+                "sandbox {}: after the failed snapshot: {again}",
+                sb.meta.name
+            );
+            Err(e)
+        }
     }
-    result
 }
 
-/// The state and memory files to load `snap` from: its own for a full
-/// snapshot; for a diff, its chain merged into `paths.vmstate` and
+/// The state and memory files to load the pinned snapshot from: its own for
+/// a full snapshot; for a diff, its chain merged into `paths.vmstate` and
 /// `paths.memory` of the new sandbox.
-pub fn loadable_files(ctx: &Ctx, snap: &SnapshotMeta, paths: &Paths) -> Result<(PathBuf, PathBuf)> {
+pub fn loadable_files(ctx: &Ctx, pin: &Pinned, paths: &Paths) -> Result<(PathBuf, PathBuf)> {
+    let snap = &pin.meta;
     let dir = ctx.store.snapshot_dir(&snap.name);
     match snap.kind {
         SnapKind::Full => return Ok((dir.join("vmstate"), dir.join("memory"))),
@@ -441,7 +531,7 @@ pub fn loadable_files(ctx: &Ctx, snap: &SnapshotMeta, paths: &Paths) -> Result<(
         }
         SnapKind::Diff => {}
     }
-    let mut chain = ancestry(ctx, snap)?;
+    let mut chain = pin.chain.clone();
     let disk = disk_chain(ctx, &chain)?;
     let Some(base) = chain.pop() else {
         return Err(Error::Invalid(format!(
@@ -479,22 +569,32 @@ pub fn loadable_files(ctx: &Ctx, snap: &SnapshotMeta, paths: &Paths) -> Result<(
 }
 
 /// `snap` and its parents back to the full snapshot they build on (last),
-/// each ready.
-fn ancestry(ctx: &Ctx, snap: &SnapshotMeta) -> Result<Vec<SnapshotMeta>> {
+/// each ready and each the very snapshot its child was taken on (by id).
+pub fn ancestry(ctx: &Ctx, snap: &SnapshotMeta) -> Result<Vec<SnapshotMeta>> {
     let mut chain = vec![snap.clone()];
-    while let Some(parent) = chain.last().and_then(|s| s.parent.clone()) {
+    while let Some(child) = chain.last().cloned() {
+        let Some(parent) = child.parent.as_deref() else {
+            break;
+        };
         if chain.len() > 1000 {
             return Err(Error::Invalid(format!(
                 "snapshot {}: diff chain too long",
                 snap.name
             )));
         }
-        let m = SnapshotMeta::load(ctx, &parent).map_err(|_| {
+        let m = SnapshotMeta::load(ctx, parent).map_err(|_| {
             Error::Invalid(format!(
                 "snapshot {} builds on {parent}, which no longer exists",
-                snap.name
+                child.name
             ))
         })?;
+        if child.parent_id.is_some() && m.id != child.parent_id {
+            return Err(Error::Invalid(format!(
+                "snapshot {} builds on a snapshot named {parent} that was removed; the \
+                 snapshot now named {parent} is another one",
+                child.name
+            )));
+        }
         m.require_ready()?;
         chain.push(m);
     }
@@ -527,209 +627,24 @@ fn disk_chain(ctx: &Ctx, ancestry: &[SnapshotMeta]) -> Result<DiskChain> {
     })
 }
 
-/// Snapshots whose parent is `name`.
-fn dependents(all: &[SnapshotMeta], name: &str) -> Vec<String> {
-    all.iter()
-        .filter(|s| s.parent.as_deref() == Some(name))
-        .map(|s| s.name.clone())
-        .collect()
-}
-
-/// Removes snapshots. Without `force`, refuses one that diffs depend on;
-/// with it, removes those too. Returns what was removed.
-pub fn remove(ctx: &Ctx, names_: &[String], force: bool) -> Result<Vec<String>> {
-    let _lock = ctx.store.lock_store()?;
-    let mut removed = Vec::new();
-    for name in names_ {
-        let all = list(ctx)?;
-        let Some(meta) = all.iter().find(|s| &s.name == name) else {
-            if removed.contains(name) {
-                continue;
-            }
-            return Err(Error::NoSnapshot(name.clone()));
-        };
-        if meta.status == SnapStatus::Creating && !meta.interrupted() {
-            return Err(Error::Invalid(format!(
-                "snapshot {name} is being created (by pid {})",
-                meta.creator_pid
-            )));
-        }
-        let deps = dependents(&all, name);
-        if !deps.is_empty() && !force {
-            return Err(Error::Invalid(format!(
-                "snapshot {name} has diff snapshots built on it ({}); -f removes them too",
-                deps.join(", ")
-            )));
-        }
-        // Dependents first (depth first), then the snapshot itself.
-        let mut stack = vec![name.clone()];
-        let mut order = Vec::new();
-        while let Some(n) = stack.pop() {
-            stack.extend(dependents(&all, &n));
-            order.push(n);
-        }
-        for n in order.into_iter().rev() {
-            remove_dir(ctx, &n)?;
-            removed.push(n);
-        }
-    }
-    Ok(removed)
-}
-
-fn remove_dir(ctx: &Ctx, name: &str) -> Result<()> {
-    let dir = ctx.store.snapshot_dir(name);
-    // Metadata first, so a crash leaves a directory listing ignores.
-    let _ = std::fs::remove_file(dir.join(META_FILE));
-    std::fs::remove_dir_all(&dir).map_err(|e| Error::io("removing", &dir, e))
-}
-
-/// The reaper: marks snapshots whose creator died as failed and removes
-/// expired snapshots no unexpired diff depends on. Returns what it removed.
-pub fn reap(ctx: &Ctx) -> Result<Vec<String>> {
-    let _lock = ctx.store.lock_store()?;
-    let now = clock::now();
-    let mut removed = Vec::new();
-    loop {
-        let all = list(ctx)?;
-        let mut changed = false;
-        for s in &all {
-            if s.interrupted() {
-                let mut m = s.clone();
-                m.status = SnapStatus::Failed;
-                m.reason = Some("interrupted: the process creating it ended".into());
-                m.save(ctx)?;
-                continue;
-            }
-            let expired = s.expires.is_some_and(|e| e <= now);
-            if expired && s.status != SnapStatus::Creating && dependents(&all, &s.name).is_empty() {
-                remove_dir(ctx, &s.name)?;
-                removed.push(s.name.clone());
-                changed = true;
+/// A missing file of a snapshot (removed behind the store's back) is that
+/// snapshot not existing, not an I/O error.
+pub fn vanished(ctx: &Ctx, e: Error) -> Error {
+    let snapshots = ctx.store.entries_dir(Kind::Snapshot);
+    match &e {
+        Error::Io { path, source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            match path
+                .strip_prefix(&snapshots)
+                .ok()
+                .and_then(|p| p.iter().next())
+            {
+                Some(name) => Error::NoSnapshot(name.to_string_lossy().into_owned()),
+                None => e,
             }
         }
-        if !changed {
-            return Ok(removed);
-        }
+        _ => e,
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn meta(name: &str, parent: Option<&str>) -> SnapshotMeta {
-        SnapshotMeta {
-            name: name.into(),
-            sandbox: "dev".into(),
-            kind: if parent.is_some() {
-                SnapKind::Diff
-            } else {
-                SnapKind::Full
-            },
-            status: SnapStatus::Ready,
-            reason: None,
-            parent: parent.map(str::to_string),
-            created: 1,
-            expires: None,
-            size_bytes: 0,
-            kernel: "/k".into(),
-            cmdline: "c".into(),
-            vcpus: 1,
-            mem_mib: 128,
-            creator_pid: std::process::id(),
-            guest_sync: None,
-            disk_copy: None,
-            disk_bytes: None,
-            disk_changed_chunks: None,
-            took_ms: None,
-        }
-    }
-
-    /// A store holding full snapshot `a` and diffs `b` (on a) and `c` (on
-    /// b) whose disks are diffs of three successive disk states.
-    #[test]
-    fn disk_chains_follow_parents_and_rebuild_exactly() {
-        use super::super::config::ProductConfig;
-        use super::super::output::Progress;
-        use super::super::store::{tests::TempDir, Store};
-        use std::os::unix::fs::FileExt;
-
-        let t = TempDir::new("snap-chain");
-        let store = Store::open(&t.0.join("state")).unwrap();
-        let ctx = Ctx {
-            config: ProductConfig::load(&store).unwrap(),
-            store,
-            progress: Progress::quiet(),
-        };
-        let disk = t.0.join("sandbox.ext4");
-        let f = std::fs::File::create(&disk).unwrap();
-        f.set_len(8 << 20).unwrap();
-        f.write_all_at(b"v1", 0).unwrap();
-        let metas = [meta("a", None), meta("b", Some("a")), meta("c", Some("b"))];
-        let mut states = Vec::new();
-        for (i, m) in metas.iter().enumerate() {
-            std::fs::create_dir(ctx.store.snapshot_dir(&m.name)).unwrap();
-            m.save(&ctx).unwrap();
-            let dir = ctx.store.snapshot_dir(&m.name);
-            if let Some(parent) = &m.parent {
-                let parent = SnapshotMeta::load(&ctx, parent).unwrap();
-                let chain = disk_chain(&ctx, &ancestry(&ctx, &parent).unwrap()).unwrap();
-                disk_diff::save_diff(&disk, &chain, &dir).unwrap();
-            } else {
-                disk::copy_file(&disk, &dir.join("disk")).unwrap();
-            }
-            states.push(std::fs::read(&disk).unwrap());
-            f.write_all_at(format!("v{}", i + 2).as_bytes(), (i as u64 + 1) << 20)
-                .unwrap();
-        }
-        let c = ancestry(&ctx, &metas[2]).unwrap();
-        assert_eq!(
-            c.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
-            ["c", "b", "a"]
-        );
-        let chain = disk_chain(&ctx, &c).unwrap();
-        let dir = |n: &str| ctx.store.snapshot_dir(n);
-        assert_eq!(chain.base, dir("a").join("disk"));
-        assert_eq!(chain.diffs, [dir("b"), dir("c")]);
-        let out = t.0.join("out");
-        disk_diff::rebuild(&chain, &out).unwrap();
-        assert_eq!(std::fs::read(&out).unwrap(), states[2]);
-
-        // A diff from before diff disks (a whole `disk`, no map) is a base.
-        std::fs::remove_file(dir("b").join(disk_diff::MAP_FILE)).unwrap();
-        std::fs::write(dir("b").join("disk"), &states[1]).unwrap();
-        let chain = disk_chain(&ctx, &c).unwrap();
-        assert_eq!(chain.base, dir("b").join("disk"));
-        assert_eq!(chain.diffs, [dir("c")]);
-        disk_diff::rebuild(&chain, &out).unwrap();
-        assert_eq!(std::fs::read(&out).unwrap(), states[2]);
-
-        // A missing parent breaks the chain with a clear error.
-        remove_dir(&ctx, "b").unwrap();
-        let e = ancestry(&ctx, &metas[2]).unwrap_err().to_string();
-        assert!(e.contains("builds on b, which no longer exists"), "{e}");
-    }
-
-    #[test]
-    fn dependents_and_meta_format() {
-        let all = vec![meta("a", None), meta("b", Some("a")), meta("c", Some("b"))];
-        assert_eq!(dependents(&all, "a"), ["b"]);
-        assert!(dependents(&all, "c").is_empty());
-        let text = serde_json::to_string(&all[1]).unwrap();
-        assert!(
-            text.contains(r#""kind":"diff""#) && text.contains(r#""status":"ready""#),
-            "{text}"
-        );
-        let mut m = all[0].clone();
-        m.status = SnapStatus::Failed;
-        m.reason = Some("disk full".into());
-        assert_eq!(
-            m.require_ready().unwrap_err().to_string(),
-            "snapshot a failed: disk full"
-        );
-        m.status = SnapStatus::Creating;
-        assert!(!m.interrupted(), "our own pid is alive");
-        m.creator_pid = u32::MAX;
-        assert!(m.interrupted());
-    }
-}
+pub(crate) mod tests;

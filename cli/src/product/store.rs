@@ -5,11 +5,19 @@
 //! ```text
 //! STATE/config.json              optional defaults (see config.rs)
 //! STATE/locks/store.lock         held while names are created or removed and by the reaper
-//! STATE/locks/sandbox-NAME.lock  held while a sandbox changes (start, stop, snapshot)
+//! STATE/locks/sandbox-NAME.lock  held while a sandbox changes (create, start, stop, snapshot)
+//! STATE/locks/snapshot-NAME.lock shared while a sandbox is made from the snapshot (or a diff
+//!                                built on it), exclusive (under store.lock) to remove it
 //! STATE/sandboxes/NAME/          meta.json disk.ext4 api.sock vsock.sock serial.log vmm.log
 //!                                history.log [vmstate memory (restored from a diff)]
 //! STATE/snapshots/NAME/          meta.json vmstate memory disk [disk.map: disk holds only changed chunks]
+//! STATE/{sandboxes,snapshots}/.new-NAME-PID-N, .rm-NAME-PID-N   being created / removed
 //! ```
+//!
+//! An entry (sandbox or snapshot directory) always has its meta.json: it is
+//! prepared under a hidden name and renamed into place, and removed by being
+//! renamed away first. An interruption leaves only a hidden directory, which
+//! [`Store::sweep`] deletes once its process is gone.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -21,9 +29,15 @@ use serde::Serialize;
 
 use super::error::{Error, Result};
 use super::names;
+use super::process;
 
 /// Metadata file name in a sandbox or snapshot directory.
 pub const META_FILE: &str = "meta.json";
+
+/// Prefixes of hidden directories beside the entries: one being created and
+/// one being removed (never valid names, so never listed).
+const STAGING_PREFIX: &str = ".new-";
+const TRASH_PREFIX: &str = ".rm-";
 
 /// The state directory.
 #[derive(Debug, Clone)]
@@ -78,6 +92,11 @@ impl Store {
         self.root.join("snapshots").join(name)
     }
 
+    /// The directory holding all sandboxes or all snapshots.
+    pub fn entries_dir(&self, kind: Kind) -> PathBuf {
+        self.root.join(kind.dir())
+    }
+
     /// Exclusive lock on the set of names (creation, removal, reaping).
     pub fn lock_store(&self) -> Result<Lock> {
         Lock::acquire(&self.root.join("locks").join("store.lock"), true)
@@ -85,20 +104,39 @@ impl Store {
 
     /// Exclusive lock on one sandbox, waiting for it.
     pub fn lock_sandbox(&self, name: &str) -> Result<Lock> {
-        Lock::acquire(&self.sandbox_lock_path(name), true)
+        Lock::acquire(&self.lock_path(Kind::Sandbox, name)?, true)
     }
 
     /// The sandbox's lock if nobody holds it (None when busy).
     pub fn try_lock_sandbox(&self, name: &str) -> Result<Option<Lock>> {
-        Lock::try_acquire(&self.sandbox_lock_path(name))
+        Lock::try_acquire(&self.lock_path(Kind::Sandbox, name)?)
     }
 
-    fn sandbox_lock_path(&self, name: &str) -> PathBuf {
-        self.root.join("locks").join(format!("sandbox-{name}.lock"))
+    /// Shared lock on a snapshot: it is being read (a sandbox is made from
+    /// it); take it under [`Store::lock_store`] after checking it exists.
+    pub fn lock_snapshot_shared(&self, name: &str) -> Result<Lock> {
+        Lock::acquire(&self.lock_path(Kind::Snapshot, name)?, false)
     }
 
-    /// Names of the entries under `sandboxes/` or `snapshots/` that have
-    /// metadata, sorted.
+    /// Exclusive lock on a snapshot if no reader holds it (None when busy),
+    /// for removing it; take it under [`Store::lock_store`].
+    pub fn try_lock_snapshot(&self, name: &str) -> Result<Option<Lock>> {
+        Lock::try_acquire(&self.lock_path(Kind::Snapshot, name)?)
+    }
+
+    /// The lock file of an entry; the name is checked so no lock file is
+    /// made outside `locks/`.
+    fn lock_path(&self, kind: Kind, name: &str) -> Result<PathBuf> {
+        names::validate(kind.what(), name)?;
+        Ok(self
+            .root
+            .join("locks")
+            .join(format!("{}-{name}.lock", kind.what())))
+    }
+
+    /// Names of the entries under `sandboxes/` or `snapshots/`, sorted
+    /// (with or without metadata: a directory left without it by an older
+    /// version is listed so it can be seen and removed).
     pub fn names(&self, kind: Kind) -> Result<Vec<String>> {
         let dir = self.root.join(kind.dir());
         let entries = std::fs::read_dir(&dir).map_err(|e| Error::io("listing", &dir, e))?;
@@ -108,13 +146,110 @@ impl Store {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if names::validate("", &name).is_ok() && entry.path().join(META_FILE).is_file() {
+            if names::validate("", &name).is_ok() && entry.path().is_dir() {
                 out.push(name);
             }
         }
         out.sort();
         Ok(out)
     }
+
+    /// Creates entry `name` with `meta` as its meta.json, all at once (see
+    /// the module doc); returns its directory. A taken name is
+    /// [`Error::Exists`].
+    pub fn create_entry<T: Serialize>(&self, kind: Kind, name: &str, meta: &T) -> Result<PathBuf> {
+        names::validate(kind.what(), name)?;
+        let parent = self.root.join(kind.dir());
+        let dir = parent.join(name);
+        let exists = || Error::Exists {
+            what: kind.what(),
+            name: name.to_string(),
+        };
+        if dir.symlink_metadata().is_ok() {
+            return Err(exists());
+        }
+        let staging = parent.join(hidden_name(STAGING_PREFIX, name));
+        std::fs::create_dir(&staging).map_err(|e| Error::io("creating", &staging, e))?;
+        let placed = write_json_atomic(&staging.join(META_FILE), meta).and_then(|()| {
+            // Renaming onto an empty directory replaces it; anything else
+            // in the way fails.
+            std::fs::rename(&staging, &dir).map_err(|e| match e.raw_os_error() {
+                Some(libc::EEXIST | libc::ENOTEMPTY | libc::ENOTDIR | libc::EISDIR) => exists(),
+                _ => Error::io("creating", &dir, e),
+            })?;
+            sync_dir(&parent)
+        });
+        if let Err(e) = placed {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
+    /// Removes entry `name` and its files: renamed away first, so it
+    /// disappears at once, then deleted.
+    pub fn remove_entry(&self, kind: Kind, name: &str) -> Result<()> {
+        names::validate(kind.what(), name)?;
+        let parent = self.root.join(kind.dir());
+        let dir = parent.join(name);
+        let trash = parent.join(hidden_name(TRASH_PREFIX, name));
+        std::fs::rename(&dir, &trash).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                kind.not_found(name)
+            } else {
+                Error::io("removing", &dir, e)
+            }
+        })?;
+        let _ = sync_dir(&parent);
+        std::fs::remove_dir_all(&trash).map_err(|e| Error::io("removing", &trash, e))
+    }
+
+    /// Deletes hidden directories left by interrupted creations and
+    /// removals whose process is gone; returns how many.
+    pub fn sweep(&self) -> usize {
+        let mut swept = 0;
+        for kind in [Kind::Sandbox, Kind::Snapshot] {
+            let Ok(entries) = std::fs::read_dir(self.root.join(kind.dir())) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(pid) = hidden_owner(&name) else {
+                    continue;
+                };
+                if !process::alive(pid, &[]) && std::fs::remove_dir_all(entry.path()).is_ok() {
+                    log::info!("removed {} left by process {pid}", entry.path().display());
+                    swept += 1;
+                }
+            }
+        }
+        swept
+    }
+}
+
+/// `PREFIX NAME-PID-N`: unique per process and call.
+fn hidden_name(prefix: &str, name: &str) -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}{name}-{}-{seq}", std::process::id())
+}
+
+/// The process that made hidden directory `name`, if it is one.
+fn hidden_owner(name: &str) -> Option<u32> {
+    let rest = name
+        .strip_prefix(STAGING_PREFIX)
+        .or_else(|| name.strip_prefix(TRASH_PREFIX))?;
+    let mut parts = rest.rsplitn(3, '-');
+    let _seq: u64 = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next().filter(|n| !n.is_empty())?;
+    Some(pid)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("syncing", dir, e))
 }
 
 /// Sandboxes or snapshots.
@@ -129,6 +264,20 @@ impl Kind {
         match self {
             Kind::Sandbox => "sandboxes",
             Kind::Snapshot => "snapshots",
+        }
+    }
+
+    pub fn what(self) -> &'static str {
+        match self {
+            Kind::Sandbox => "sandbox",
+            Kind::Snapshot => "snapshot",
+        }
+    }
+
+    pub fn not_found(self, name: &str) -> Error {
+        match self {
+            Kind::Sandbox => Error::NoSandbox(name.to_string()),
+            Kind::Snapshot => Error::NoSnapshot(name.to_string()),
         }
     }
 }
@@ -354,8 +503,99 @@ pub(crate) mod tests {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join(META_FILE), "{}").unwrap();
         }
+        // A directory without metadata (an older version's interrupted
+        // creation) is listed so it can be seen and removed; hidden ones are not.
         std::fs::create_dir_all(store.sandbox_dir("nometa")).unwrap();
-        assert_eq!(store.names(Kind::Sandbox).unwrap(), ["a", "b"]);
+        std::fs::create_dir_all(store.sandbox_dir(".new-x-1-0")).unwrap();
+        assert_eq!(store.names(Kind::Sandbox).unwrap(), ["a", "b", "nometa"]);
         assert!(store.names(Kind::Snapshot).unwrap().is_empty());
+
+        // No lock file outside locks/, and none for a bad name.
+        for bad in ["../x", "", "A"] {
+            assert_eq!(store.lock_sandbox(bad).unwrap_err().exit_code(), 1);
+            assert!(store.try_lock_snapshot(bad).is_err());
+        }
+        assert!(!t.0.join("x.lock").exists() && !t.0.join("locks/sandbox-.lock").exists());
+        // Readers share a snapshot; a remover cannot have it meanwhile.
+        let r1 = store.lock_snapshot_shared("s").unwrap();
+        let r2 = store.lock_snapshot_shared("s").unwrap();
+        assert!(store.try_lock_snapshot("s").unwrap().is_none());
+        drop((r1, r2));
+        assert!(store.try_lock_snapshot("s").unwrap().is_some());
+    }
+
+    #[test]
+    fn entries_appear_and_vanish_whole() {
+        let t = TempDir::new("store-entries");
+        let store = Store::open(&t.0).unwrap();
+        let m = M {
+            a: 1,
+            s: "x".into(),
+        };
+        let dir = store.create_entry(Kind::Snapshot, "s", &m).unwrap();
+        assert_eq!(dir, store.snapshot_dir("s"));
+        assert_eq!(read_json::<M>(&dir.join(META_FILE)).unwrap(), Some(m));
+        let e = store
+            .create_entry(
+                Kind::Snapshot,
+                "s",
+                &M {
+                    a: 2,
+                    s: "y".into(),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.to_string(), "snapshot s already exists");
+        assert_eq!(read_json::<M>(&dir.join(META_FILE)).unwrap().unwrap().a, 1);
+        assert!(store
+            .create_entry(
+                Kind::Sandbox,
+                "../s",
+                &M {
+                    a: 3,
+                    s: "z".into()
+                }
+            )
+            .is_err());
+        // Only the entry is there: no staging directory left behind.
+        let listing = |k: &str| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(t.0.join(k))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(listing("snapshots"), ["s"]);
+        assert!(listing("sandboxes").is_empty());
+
+        std::fs::write(dir.join("memory"), "m").unwrap();
+        store.remove_entry(Kind::Snapshot, "s").unwrap();
+        assert!(listing("snapshots").is_empty());
+        let e = store.remove_entry(Kind::Snapshot, "s").unwrap_err();
+        assert_eq!(e.exit_code(), 3, "{e}");
+
+        // What interrupted processes left is swept once they are gone.
+        let dead = u32::MAX;
+        let live = std::process::id();
+        for n in [
+            format!(".new-a-b-{dead}-0"),
+            format!(".rm-c-{dead}-7"),
+            format!(".new-d-{live}-1"),
+            ".other".to_string(),
+        ] {
+            std::fs::create_dir_all(t.0.join("sandboxes").join(n).join("sub")).unwrap();
+        }
+        assert_eq!(store.sweep(), 2);
+        assert_eq!(
+            listing("sandboxes"),
+            [
+                ".new-d-".to_string() + &live.to_string() + "-1",
+                ".other".into()
+            ]
+        );
+        assert_eq!(hidden_owner(".new-a-b-12-3"), Some(12));
+        assert_eq!(hidden_owner(".new--12-3"), None);
+        assert_eq!(hidden_owner("a-12-3"), None);
     }
 }
