@@ -1,4 +1,5 @@
-//! Host-side client: the hybrid-vsock handshake and typed calls.
+//! Host-side client: the hybrid-vsock handshake and typed calls, and
+//! terminal sessions ([`AgentClient::exec_tty`], [`run_interactive`]).
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -59,6 +60,14 @@ pub enum ClientError {
     /// The agent answered with an error.
     #[error("agent error: {0}")]
     Agent(String),
+    /// The agent is older than the request.
+    #[error("the guest agent does not support {what}; update the agent in the guest image (it answered: {message})")]
+    Unsupported {
+        /// The feature asked for.
+        what: &'static str,
+        /// The agent's answer.
+        message: String,
+    },
     /// The agent answered something that does not fit the request.
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -421,6 +430,10 @@ pub fn wait_ready(
         pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
+
+#[path = "client_tty.rs"]
+mod tty;
+pub use tty::{run_interactive, TtyIo};
 
 #[cfg(test)]
 #[path = "client_tests.rs"]

@@ -95,20 +95,7 @@ pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Option<Vec<u8>>, FrameE
 
 /// Writes one frame (header and body in a single write) and flushes.
 pub fn write_frame<W: Write + ?Sized>(w: &mut W, body: &[u8]) -> Result<(), FrameError> {
-    if body.len() > MAX_FRAME_SIZE {
-        return Err(FrameError::TooLarge {
-            len: body.len() as u64,
-            max: MAX_FRAME_SIZE,
-        });
-    }
-    // Cannot fail: MAX_FRAME_SIZE fits in u32.
-    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
-        len: body.len() as u64,
-        max: MAX_FRAME_SIZE,
-    })?;
-    let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(body);
+    let buf = encode_frame(body)?;
     w.write_all(&buf)?;
     w.flush()?;
     Ok(())
@@ -128,6 +115,85 @@ pub fn recv_message<R: Read + ?Sized, T: DeserializeOwned>(
         None => Ok(None),
         Some(body) => Ok(Some(serde_json::from_slice(&body)?)),
     }
+}
+
+/// Incremental frame parser for poll-driven connections, where bytes arrive
+/// in arbitrary pieces and a read must never block in the middle of a frame.
+/// Applies the same [`MAX_FRAME_SIZE`] check as [`read_frame`] as soon as a
+/// header is complete.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends received bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// How many more bytes the frame in progress needs (0 when nothing is
+    /// buffered or a whole frame is ready); used to finish a frame the peer
+    /// was in the middle of sending with a blocking read.
+    pub fn missing(&self) -> usize {
+        if self.buf.is_empty() {
+            return 0;
+        }
+        match self.announced() {
+            None => HEADER_LEN - self.buf.len(),
+            Some(len) => (HEADER_LEN + len).saturating_sub(self.buf.len()),
+        }
+    }
+
+    fn announced(&self) -> Option<usize> {
+        let header: [u8; HEADER_LEN] = self.buf.get(..HEADER_LEN)?.try_into().ok()?;
+        usize::try_from(u32::from_be_bytes(header)).ok()
+    }
+
+    /// The next complete frame body, if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        let Some(len) = self.announced() else {
+            return Ok(None);
+        };
+        if len > MAX_FRAME_SIZE {
+            return Err(FrameError::TooLarge {
+                len: len as u64,
+                max: MAX_FRAME_SIZE,
+            });
+        }
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let body = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.buf.drain(..HEADER_LEN + len);
+        Ok(Some(body))
+    }
+}
+
+/// One frame (header and body) as bytes, for senders that queue output.
+pub fn encode_frame(body: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let too_large = || FrameError::TooLarge {
+        len: body.len() as u64,
+        max: MAX_FRAME_SIZE,
+    };
+    if body.len() > MAX_FRAME_SIZE {
+        return Err(too_large());
+    }
+    let len = u32::try_from(body.len()).map_err(|_| too_large())?;
+    let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(body);
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -209,5 +275,41 @@ mod tests {
             recv_message::<_, Vec<u32>>(&mut r),
             Err(FrameError::Json(_))
         ));
+    }
+
+    #[test]
+    fn decoder_reassembles_frames_split_anywhere() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, b"first").unwrap();
+        write_frame(&mut wire, b"").unwrap();
+        write_frame(&mut wire, b"third frame").unwrap();
+        for step in [1, 3, 4, 7, wire.len()] {
+            let mut d = FrameDecoder::new();
+            let mut got = Vec::new();
+            for piece in wire.chunks(step) {
+                d.push(piece);
+                while let Some(f) = d.next_frame().unwrap() {
+                    got.push(f);
+                }
+            }
+            assert_eq!(
+                got,
+                vec![b"first".to_vec(), vec![], b"third frame".to_vec()]
+            );
+            assert_eq!(d.buffered(), 0);
+            assert_eq!(d.missing(), 0);
+        }
+        let mut d = FrameDecoder::new();
+        d.push(&wire[..2]);
+        assert_eq!(d.missing(), 2);
+        d.push(&wire[2..6]);
+        assert_eq!(d.missing(), 3);
+    }
+
+    #[test]
+    fn decoder_rejects_oversize_header() {
+        let mut d = FrameDecoder::new();
+        d.push(&((MAX_FRAME_SIZE as u32) + 1).to_be_bytes());
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
     }
 }

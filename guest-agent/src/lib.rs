@@ -27,6 +27,10 @@
 //! | `thaw` | — | `thawed` |
 //! | `read_file` | `path` (absolute), `max_bytes`? (default and cap 16 MiB) | `file_data` |
 //! | `write_file` | `path` (absolute), `data` (b64), `mode` (default 0o644) | `file_written` |
+//! | `exec_tty` | `argv`? (default: the login shell), `env`?, `cwd`?, `timeout_ms`?, `term`?, `size`? (`{rows, cols}`, default 24x80) | `output`* then `exit` |
+//! | `tty_input` | `data` (b64) | none (part of a running `exec_tty`) |
+//! | `tty_resize` | `rows`, `cols` | none (part of a running `exec_tty`) |
+//! | `tty_eof` | — | none (part of a running `exec_tty`) |
 //!
 //! # Responses
 //! `{"id": <u64 or null>, "type": "<name>", ...fields}`:
@@ -55,12 +59,30 @@
 //!   agent also thaws everything at startup.
 //! - `write_file` writes a temp file in the target's directory, fsyncs it,
 //!   renames it over the target and fsyncs the directory.
+//! - `exec_tty` runs the program on a new pseudo-terminal as the leader of a
+//!   new session (so Ctrl-C, job control and full-screen programs work), with
+//!   `TERM` from the request. Until its `exit` frame the connection belongs
+//!   to the session: the host sends `tty_input` (raw bytes, control keys
+//!   included), `tty_resize` and `tty_eof` (types the terminal's end-of-file
+//!   character) frames with the session's `id`, without answers; `output`
+//!   frames carry the terminal's single stream (as `stdout`). Other requests
+//!   sent meanwhile get an `error`; session frames arriving after the end are
+//!   ignored. On timeout the session's process group gets SIGKILL and
+//!   `timed_out` is set. If the host disconnects, the session is hung up
+//!   (SIGHUP to its processes, SIGKILL to the leader's group after 1 s) and
+//!   reaped. Agents without `exec_tty` answer it with an unknown-variant
+//!   `error`, which the client reports as unsupported.
 
 pub mod client;
+pub mod conn;
 pub mod exec;
 pub mod files;
 pub mod frame;
 pub mod freeze;
 pub mod proto;
+pub mod pty;
 pub mod server;
+pub mod sys;
+pub mod terminal;
+pub mod tty_session;
 pub mod vsock;

@@ -74,6 +74,29 @@ pub enum Op {
     ReadFile(ReadFileRequest),
     /// Atomically replace a file.
     WriteFile(WriteFileRequest),
+    /// Run a program on a new pseudo-terminal and relay it both ways; the
+    /// `tty_*` frames below then carry the terminal's input (same `id`)
+    /// until the `exit` frame.
+    ExecTty(ExecTtyRequest),
+    /// Bytes typed at the terminal of the session started by `exec_tty`.
+    TtyInput {
+        /// Raw bytes, control characters included (Ctrl-C is 0x03).
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The host's terminal changed size.
+    TtyResize(WindowSize),
+    /// The host's input ended: the agent types the terminal's end-of-file
+    /// character (Ctrl-D), which a shell reading a line takes as `exit`.
+    TtyEof,
+}
+
+impl Op {
+    /// True for the frames that belong to a running `exec_tty` session; they
+    /// get no response of their own.
+    pub fn is_tty_session_frame(&self) -> bool {
+        matches!(self, Op::TtyInput { .. } | Op::TtyResize(_) | Op::TtyEof)
+    }
 }
 
 /// Arguments of `exec`.
@@ -121,6 +144,50 @@ impl ExecRequest {
         }
     }
 }
+
+/// Terminal size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowSize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+impl Default for WindowSize {
+    /// The classic 80x24, for when the host has no terminal to measure.
+    fn default() -> Self {
+        Self { rows: 24, cols: 80 }
+    }
+}
+
+/// Arguments of `exec_tty`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecTtyRequest {
+    /// Program and arguments (`argv[0]` looked up in `PATH`); empty runs the
+    /// login shell of the agent's user (`/etc/passwd`, else `$SHELL`, else
+    /// `/bin/sh`) as a login shell, in its home directory.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` entries added to (or overriding) the environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// Working directory (default: the login shell's home, or the agent's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Kill the terminal's process group after this long; no limit if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// `TERM` for the program (default [`DEFAULT_TERM`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<String>,
+    /// Initial window size (default 80x24).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<WindowSize>,
+}
+
+/// `TERM` when the host sends none: understood by nearly every emulator.
+pub const DEFAULT_TERM: &str = "xterm";
 
 /// Arguments of `freeze`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -370,5 +437,74 @@ mod tests {
         )
         .is_err());
         assert!(serde_json::from_str::<Request>(r#"{"id":1,"op":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn tty_messages_wire_shape() {
+        let req = Request {
+            id: 4,
+            op: Op::ExecTty(ExecTtyRequest {
+                argv: vec!["top".into()],
+                term: Some("xterm-256color".into()),
+                size: Some(WindowSize {
+                    rows: 50,
+                    cols: 132,
+                }),
+                timeout_ms: Some(1000),
+                ..ExecTtyRequest::default()
+            }),
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            v,
+            json!({"id":4,"op":"exec_tty","argv":["top"],"timeout_ms":1000,
+                   "term":"xterm-256color","size":{"rows":50,"cols":132}})
+        );
+        assert_eq!(serde_json::from_value::<Request>(v).unwrap(), req);
+
+        // Everything is optional: a bare exec_tty asks for the login shell.
+        let bare: Request = serde_json::from_str(r#"{"id":1,"op":"exec_tty"}"#).unwrap();
+        assert_eq!(bare.op, Op::ExecTty(ExecTtyRequest::default()));
+
+        let session = [
+            (
+                Op::TtyInput {
+                    data: b"ls\x03".to_vec(),
+                },
+                json!({"id":4,"op":"tty_input","data":"bHMD"}),
+            ),
+            (
+                Op::TtyResize(WindowSize { rows: 3, cols: 9 }),
+                json!({"id":4,"op":"tty_resize","rows":3,"cols":9}),
+            ),
+            (Op::TtyEof, json!({"id":4,"op":"tty_eof"})),
+        ];
+        for (op, wire) in session {
+            assert!(op.is_tty_session_frame());
+            let req = Request { id: 4, op };
+            assert_eq!(serde_json::to_value(&req).unwrap(), wire);
+            assert_eq!(serde_json::from_value::<Request>(wire).unwrap(), req);
+        }
+        assert!(!Op::Sync.is_tty_session_frame());
+        assert!(serde_json::from_str::<Request>(
+            r#"{"id":1,"op":"tty_resize","rows":-1,"cols":2}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn old_exec_requests_still_decode() {
+        // An exec request as the first protocol version's clients send it.
+        let old: Request = serde_json::from_str(
+            r#"{"id":3,"op":"exec","argv":["sh","-c","true"],"env":[],"stdin":"","stream":true}"#,
+        )
+        .unwrap();
+        let mut want = ExecRequest::new(["sh", "-c", "true"]);
+        want.stream = true;
+        assert_eq!(old.op, Op::Exec(want));
+        // And the minimal form, with unknown fields from newer clients ignored.
+        let min: Request =
+            serde_json::from_str(r#"{"id":3,"op":"exec","argv":["true"],"tty":true}"#).unwrap();
+        assert_eq!(min.op, Op::Exec(ExecRequest::new(["true"])));
     }
 }

@@ -2,6 +2,7 @@
 //! vsock in the guest and over Unix socket pairs in tests.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use crate::exec;
@@ -11,6 +12,7 @@ use crate::freeze::FreezeController;
 use crate::proto::{
     ExecRequest, Op, PingInfo, Request, Response, ResponseBody, AGENT_VERSION, PROTOCOL_VERSION,
 };
+use crate::tty_session;
 
 /// State shared by all connections of one agent process.
 pub struct Agent {
@@ -78,7 +80,14 @@ pub enum ServeError {
 /// gets an `error` response and the connection stays open; an oversize frame
 /// gets an `error` response and closes the connection (the stream cannot be
 /// resynchronized without reading the whole announced body).
-pub fn serve_connection<S: Read + Write>(agent: &Agent, mut stream: S) -> Result<(), ServeError> {
+///
+/// An `exec_tty` request turns the connection into that terminal's relay
+/// until its `exit` frame (see [`tty_session`]); the stream must therefore be
+/// a socket the agent can poll.
+pub fn serve_connection<S: Read + Write + AsFd>(
+    agent: &Agent,
+    mut stream: S,
+) -> Result<(), ServeError> {
     loop {
         let body = match read_frame(&mut stream) {
             Ok(Some(body)) => body,
@@ -99,7 +108,7 @@ pub fn serve_connection<S: Read + Write>(agent: &Agent, mut stream: S) -> Result
 
 /// Parses a request; on failure returns the id if one could be found, so the
 /// error response can still be matched.
-fn parse_request(body: &[u8]) -> Result<Request, (Option<u64>, String)> {
+pub(crate) fn parse_request(body: &[u8]) -> Result<Request, (Option<u64>, String)> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| (None, format!("request is not valid JSON: {e}")))?;
     let id = value.get("id").and_then(serde_json::Value::as_u64);
@@ -127,10 +136,17 @@ fn send<W: Write>(w: &mut W, id: Option<u64>, body: ResponseBody) -> Result<(), 
     write_frame(w, &bytes)
 }
 
-fn handle<S: Read + Write>(agent: &Agent, req: Request, stream: &mut S) -> Result<(), FrameError> {
+fn handle<S: Read + Write + AsFd>(
+    agent: &Agent,
+    req: Request,
+    stream: &mut S,
+) -> Result<(), FrameError> {
     let id = Some(req.id);
     let body = match req.op {
         Op::Ping { .. } => ResponseBody::Pong(agent.ping()),
+        Op::ExecTty(tty) => return tty_session::serve(req.id, &tty, stream.as_fd()),
+        // Late input of a session that has ended: nobody waits for an answer.
+        Op::TtyInput { .. } | Op::TtyResize(_) | Op::TtyEof => return Ok(()),
         Op::Exec(exec) if exec.stream => return exec_streaming(req.id, &exec, stream),
         Op::Exec(exec) => match exec::run_collect(&exec) {
             Ok(out) => ResponseBody::ExecResult(out),

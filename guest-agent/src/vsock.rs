@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// A listening `SOCK_STREAM` vsock socket.
 pub struct VsockListener {
@@ -96,6 +96,12 @@ impl VsockStream {
     /// The peer's port.
     pub fn peer_port(&self) -> u32 {
         self.peer_port
+    }
+}
+
+impl AsFd for VsockStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
     }
 }
 

@@ -144,6 +144,36 @@ ga exec -- sh -c 'echo out-1; echo err-1 >&2; echo out-2; echo err-2 >&2' >/tmp/
 echo "STREAM_STDOUT=$(tr '\n' ' ' </tmp/o)"
 echo "STREAM_STDERR=$(tr '\n' ' ' </tmp/e)"
 echo "STDIN_SUM=$(ga exec --stdin -- sha256sum </tmp/wf.bin | cut -d' ' -f1)"
+
+# An interactive shell on a guest terminal, driven through a pipe (--tty forces the terminal):
+# cd persists from line to line, and the output is the terminal's (echo, prompts, CRLF). The
+# transcript goes to the log (tty| lines) for when the checks below fail.
+printf 'cd /tmp\npwd\necho $((6*7))\ntty\nexit 7\n' | ga shell --tty >/tmp/tty.out 2>/tmp/tty.err
+echo "TTY_EXIT=$?"
+tr -d '\r' </tmp/tty.out >/tmp/tty.txt
+sed 's/^/tty| /' /tmp/tty.txt | head -n 40; sed 's/^/tty-err| /' /tmp/tty.err | head -n 10
+# Output lines, not the echoed input (`cd /tmp`) or prompts (`/tmp # `).
+echo "TTY_PWD_LINES=$(grep -v 'cd /tmp' /tmp/tty.txt | grep -c '/tmp$')"
+echo "TTY_ANSWER_LINES=$(grep -c '42$' /tmp/tty.txt)"
+echo "TTY_NAME=$(grep -o '/dev/pts/[0-9]*$' /tmp/tty.txt | head -n 1)"
+# Without a terminal the shell reads the piped script.
+echo 'echo piped-$((2+3)); exit 3' | ga shell --no-tty >/tmp/notty.out; echo "NOTTY_EXIT=$?"
+echo "NOTTY_OUT=$(cat /tmp/notty.out)"
+
+# The host side of a session goes away: the agent hangs the session up and reaps it.
+rm -f /tmp/hup.in; mkfifo /tmp/hup.in
+$VMM agent --uds "$UDS" shell --tty </tmp/hup.in >/tmp/hup.out 2>&1 &
+HUP_CLI=$!
+exec 3>/tmp/hup.in
+printf 'sleep 1234\n' >&3
+sleepers() { ga exec -- sh -c "ps -o args | grep -c '^sleep 1234\$'"; }
+i=0; while [ "$(sleepers)" != 1 ] && [ $i -lt 100 ]; do i=$((i+1)); sleep 0.2; done
+echo "HUP_BEFORE=$(sleepers)"
+kill "$HUP_CLI"; wait "$HUP_CLI" 2>/dev/null; exec 3>&-
+i=0; while [ "$(sleepers)" != 0 ] && [ $i -lt 50 ]; do i=$((i+1)); sleep 0.2; done
+echo "HUP_AFTER=$(sleepers)"
+# No terminal descriptor outlives its session in the agent.
+echo "AGENT_PTY_FDS=$(ga exec -- sh -c 'ls -l /proc/$(pidof vmm-agent)/fd | grep -c -e ptmx -e /dev/pts/ || true')"
 stop
 "#;
     let run = run("agent", body, 150, NestedOptions::new("devices_agent"));
@@ -171,6 +201,28 @@ stop
     run.assert_marker("STREAM_STDOUT", "out-1 out-2");
     run.assert_marker("STREAM_STDERR", "err-1 err-2");
     assert_same_sum(&run, "WF_HOST_SUM", "STDIN_SUM");
+
+    run.assert_marker("TTY_EXIT", "7");
+    for key in ["TTY_PWD_LINES", "TTY_ANSWER_LINES"] {
+        let n: u32 = run.get(key).parse().unwrap_or(0);
+        assert!(
+            n >= 1,
+            "{}",
+            run.failure(&format!("{key}: no such output line"))
+        );
+    }
+    let tty = run.get("TTY_NAME");
+    assert!(
+        tty.strip_prefix("/dev/pts/")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        "{}",
+        run.failure(&format!("`tty` in the session printed {tty:?}"))
+    );
+    run.assert_marker("NOTTY_EXIT", "3");
+    run.assert_marker("NOTTY_OUT", "piped-5");
+    run.assert_marker("HUP_BEFORE", "1");
+    run.assert_marker("HUP_AFTER", "0");
+    run.assert_marker("AGENT_PTY_FDS", "0");
     assert_clean_exits(&run, &["agent"]);
 }
 
