@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
-use guest_agent::client::{self, AgentClient};
+use guest_agent::client::{self, AgentClient, SessionEnd, DISCONNECT_EXIT_CODE};
 use guest_agent::proto::{ExecRequest, ExecTtyRequest, ExitInfo, OutputStream, DEFAULT_PORT};
 
 #[derive(Args, Debug)]
@@ -53,6 +53,12 @@ enum AgentOp {
     /// follows ours, and the exit code becomes ours. Without a terminal
     /// (stdin not one, or --no-tty) the command (default `sh`) reads our
     /// stdin through a pipe instead.
+    ///
+    /// Escapes, as in ssh, when stdin is a terminal: `~.` at the start of a
+    /// line (after Enter, or first thing) disconnects, which hangs the
+    /// session up in the guest, and exits 255; `~~` types a single `~`.
+    /// SIGTERM, SIGHUP and SIGQUIT end the session the same way, restore
+    /// the terminal and exit with 128+N.
     Shell {
         /// Ask for a terminal even when stdin is not one (e.g. a script piped
         /// in); the default is a terminal exactly when stdin is one.
@@ -106,6 +112,20 @@ fn exec_streamed(c: &mut AgentClient, req: &ExecRequest) -> client::Result<ExitI
             OutputStream::Stderr => err.write_all(data).and_then(|_| err.flush()),
         };
     })
+}
+
+/// Our exit code after a terminal session: the program's (see
+/// [`exit_code`]); 255 after `~.`, as ssh; 128+N after signal N.
+fn session_exit_code(end: &SessionEnd) -> i32 {
+    match end {
+        SessionEnd::Exited(exit) => exit_code(exit),
+        SessionEnd::Disconnected => {
+            // Not eprintln!: a failed write to stderr must not panic here.
+            let _ = writeln!(std::io::stderr(), "\nvmm: disconnected (~.)");
+            DISCONNECT_EXIT_CODE
+        }
+        SessionEnd::Signal(sig) => 128 + sig,
+    }
 }
 
 /// The shell convention: the code, 128+N when killed by signal N, 124 on timeout.
@@ -179,7 +199,7 @@ fn run_op(args: &AgentArgs) -> Result<i32, String> {
         } => {
             let timeout_ms = timeout.map(|s| s.saturating_mul(1000));
             let terminal = *tty || (!*no_tty && std::io::stdin().is_terminal());
-            let exit = if terminal {
+            if terminal {
                 let req = ExecTtyRequest {
                     argv: argv.clone(),
                     env: env.clone(),
@@ -188,22 +208,22 @@ fn run_op(args: &AgentArgs) -> Result<i32, String> {
                     ..ExecTtyRequest::default()
                 };
                 let mut c = connect(args)?;
-                client::run_interactive(&mut c, req).map_err(agent_err)?
+                let end = client::run_interactive(&mut c, req).map_err(agent_err)?;
+                return Ok(session_exit_code(&end));
+            }
+            let argv = if argv.is_empty() {
+                vec!["sh".to_string()]
             } else {
-                let argv = if argv.is_empty() {
-                    vec!["sh".to_string()]
-                } else {
-                    argv.clone()
-                };
-                let mut req = ExecRequest::new(argv);
-                req.env = env.clone();
-                req.cwd = cwd.clone();
-                req.timeout_ms = timeout_ms;
-                std::io::stdin()
-                    .read_to_end(&mut req.stdin)
-                    .map_err(|e| format!("reading stdin: {e}"))?;
-                exec_streamed(&mut connect(args)?, &req).map_err(agent_err)?
+                argv.clone()
             };
+            let mut req = ExecRequest::new(argv);
+            req.env = env.clone();
+            req.cwd = cwd.clone();
+            req.timeout_ms = timeout_ms;
+            std::io::stdin()
+                .read_to_end(&mut req.stdin)
+                .map_err(|e| format!("reading stdin: {e}"))?;
+            let exit = exec_streamed(&mut connect(args)?, &req).map_err(agent_err)?;
             Ok(exit_code(&exit))
         }
         AgentOp::Sync => {

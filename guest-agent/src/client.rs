@@ -433,7 +433,7 @@ pub fn wait_ready(
 
 #[path = "client_tty.rs"]
 mod tty;
-pub use tty::{run_interactive, TtyIo};
+pub use tty::{run_interactive, SessionEnd, TtyIo, DISCONNECT_EXIT_CODE};
 
 #[cfg(test)]
 #[path = "client_tests.rs"]

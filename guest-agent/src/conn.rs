@@ -76,11 +76,14 @@ impl<'a> FramedSocket<'a> {
 
     /// Reads, blocking, the rest of a frame the peer is in the middle of
     /// sending, so the stream is at a frame boundary when the session hands
-    /// it back. Returns false if the peer closed the connection instead.
-    pub fn finish_partial_frame(&mut self) -> io::Result<bool> {
+    /// it back. Returns false if the peer closed the connection instead. A
+    /// header announcing more than [`crate::frame::MAX_FRAME_SIZE`] is
+    /// refused ([`FrameError::TooLarge`]) as soon as it is complete, before
+    /// any body byte is waited for.
+    pub fn finish_partial_frame(&mut self) -> Result<bool, FrameError> {
         let mut buf = [0u8; 16 * 1024];
         loop {
-            let missing = self.decoder.missing().min(buf.len());
+            let missing = self.decoder.missing()?.min(buf.len());
             if missing == 0 {
                 return Ok(true);
             }
@@ -88,7 +91,7 @@ impl<'a> FramedSocket<'a> {
                 Ok(0) => return Ok(false),
                 Ok(n) => self.decoder.push(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -195,5 +198,31 @@ mod tests {
         // At a frame boundary there is nothing to finish, even with the peer gone.
         assert_eq!(rx.buffered(), 0);
         assert!(rx.finish_partial_frame().unwrap());
+    }
+
+    #[test]
+    fn partial_oversize_header_is_refused_without_waiting_for_the_body() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        // Without the check this would wait for 4 GiB; fail instead of hanging.
+        b.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        std::io::Write::write_all(&mut a, &[0xff, 0xff]).unwrap();
+        let mut rx = FramedSocket::new(b.as_fd());
+        rx.receive().unwrap();
+        assert_eq!(rx.next_frame().unwrap(), None);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // The rest of the header and a little of the announced body.
+            std::io::Write::write_all(&mut a, &[0xff, 0xff, b'x', b'y']).unwrap();
+            a
+        });
+        match rx.finish_partial_frame() {
+            Err(FrameError::TooLarge { len, max }) => {
+                assert_eq!(len, u64::from(u32::MAX));
+                assert_eq!(max, crate::frame::MAX_FRAME_SIZE);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        drop(writer.join().unwrap());
     }
 }

@@ -121,9 +121,15 @@ pub fn recv_message<R: Read + ?Sized, T: DeserializeOwned>(
 /// in arbitrary pieces and a read must never block in the middle of a frame.
 /// Applies the same [`MAX_FRAME_SIZE`] check as [`read_frame`] as soon as a
 /// header is complete.
+///
+/// Frames are taken from a read offset, so a buffer full of small frames is
+/// not shifted once per frame; the consumed prefix is dropped when more bytes
+/// are pushed (once per receive, in [`crate::conn::FramedSocket`]).
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Start of the first byte not yet returned as part of a frame.
+    pos: usize,
 }
 
 impl FrameDecoder {
@@ -132,50 +138,83 @@ impl FrameDecoder {
         Self::default()
     }
 
-    /// Appends received bytes.
+    /// Appends received bytes, first dropping the frames already returned.
     pub fn push(&mut self, bytes: &[u8]) {
+        self.compact();
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// Drops the bytes already returned as frames (one shift of what is
+    /// left, however many frames were taken).
+    fn compact(&mut self) {
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+        } else if self.pos > 0 {
+            self.buf.drain(..self.pos);
+        }
+        self.pos = 0;
+    }
+
+    /// The bytes received and not yet returned as frames.
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
     }
 
     /// Bytes received but not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.pending().len()
     }
 
     /// How many more bytes the frame in progress needs (0 when nothing is
     /// buffered or a whole frame is ready); used to finish a frame the peer
-    /// was in the middle of sending with a blocking read.
-    pub fn missing(&self) -> usize {
-        if self.buf.is_empty() {
-            return 0;
+    /// was in the middle of sending with a blocking read. A complete header
+    /// announcing more than [`MAX_FRAME_SIZE`] is refused here too, so a
+    /// peer cannot make the caller wait for gigabytes.
+    pub fn missing(&self) -> Result<usize, FrameError> {
+        let have = self.buffered();
+        if have == 0 {
+            return Ok(0);
         }
-        match self.announced() {
-            None => HEADER_LEN - self.buf.len(),
-            Some(len) => (HEADER_LEN + len).saturating_sub(self.buf.len()),
+        match self.announced()? {
+            None => Ok(HEADER_LEN - have),
+            Some(len) => Ok((HEADER_LEN + len).saturating_sub(have)),
         }
     }
 
-    fn announced(&self) -> Option<usize> {
-        let header: [u8; HEADER_LEN] = self.buf.get(..HEADER_LEN)?.try_into().ok()?;
-        usize::try_from(u32::from_be_bytes(header)).ok()
+    /// The body length announced by the buffered header, once complete and
+    /// checked against [`MAX_FRAME_SIZE`].
+    fn announced(&self) -> Result<Option<usize>, FrameError> {
+        let Some(header) = self.pending().get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let mut bytes = [0u8; HEADER_LEN];
+        bytes.copy_from_slice(header);
+        let len = u32::from_be_bytes(bytes);
+        let too_large = || FrameError::TooLarge {
+            len: u64::from(len),
+            max: MAX_FRAME_SIZE,
+        };
+        match usize::try_from(len) {
+            Ok(n) if n <= MAX_FRAME_SIZE => Ok(Some(n)),
+            _ => Err(too_large()),
+        }
     }
 
     /// The next complete frame body, if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
-        let Some(len) = self.announced() else {
+        let Some(len) = self.announced()? else {
             return Ok(None);
         };
-        if len > MAX_FRAME_SIZE {
-            return Err(FrameError::TooLarge {
-                len: len as u64,
-                max: MAX_FRAME_SIZE,
-            });
-        }
-        if self.buf.len() < HEADER_LEN + len {
+        let Some(body) = self.pending().get(HEADER_LEN..HEADER_LEN + len) else {
             return Ok(None);
+        };
+        let body = body.to_vec();
+        self.pos += HEADER_LEN + len;
+        if self.pos == self.buf.len() {
+            // Everything was taken: start over without a copy.
+            self.buf.clear();
+            self.pos = 0;
         }
-        let body = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
-        self.buf.drain(..HEADER_LEN + len);
         Ok(Some(body))
     }
 }
@@ -297,13 +336,57 @@ mod tests {
                 vec![b"first".to_vec(), vec![], b"third frame".to_vec()]
             );
             assert_eq!(d.buffered(), 0);
-            assert_eq!(d.missing(), 0);
+            assert_eq!(d.missing().unwrap(), 0);
         }
         let mut d = FrameDecoder::new();
         d.push(&wire[..2]);
-        assert_eq!(d.missing(), 2);
+        assert_eq!(d.missing().unwrap(), 2);
         d.push(&wire[2..6]);
-        assert_eq!(d.missing(), 3);
+        assert_eq!(d.missing().unwrap(), 3);
+    }
+
+    #[test]
+    fn decoder_keeps_a_partial_frame_after_taking_whole_ones() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, b"one").unwrap();
+        write_frame(&mut wire, b"two").unwrap();
+        write_frame(&mut wire, b"three").unwrap();
+        let cut = wire.len() - 2;
+        let mut d = FrameDecoder::new();
+        d.push(&wire[..cut]);
+        assert_eq!(d.next_frame().unwrap().unwrap(), b"one");
+        assert_eq!(d.next_frame().unwrap().unwrap(), b"two");
+        assert_eq!(d.next_frame().unwrap(), None);
+        assert_eq!(d.buffered(), 4 + 3);
+        assert_eq!(d.missing().unwrap(), 2);
+        // The next push drops the two frames taken, keeping the partial one.
+        d.push(&wire[cut..]);
+        assert_eq!(d.buf.len(), 4 + 5);
+        assert_eq!(d.next_frame().unwrap().unwrap(), b"three");
+        assert_eq!((d.buffered(), d.buf.len(), d.pos), (0, 0, 0));
+    }
+
+    #[test]
+    fn decoder_takes_many_small_frames_in_linear_time() {
+        // 500k empty frames in one 2 MB buffer: shifting the rest of the
+        // buffer per frame moves 500 GB (seconds even at memory speed); an
+        // offset moves nothing (milliseconds).
+        const N: usize = 500_000;
+        let wire = vec![0u8; N * HEADER_LEN];
+        let mut d = FrameDecoder::new();
+        d.push(&wire);
+        let start = std::time::Instant::now();
+        let mut n = 0;
+        while let Some(f) = d.next_frame().unwrap() {
+            assert!(f.is_empty());
+            n += 1;
+        }
+        assert_eq!(n, N);
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "decoding {N} frames took {:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
@@ -311,5 +394,17 @@ mod tests {
         let mut d = FrameDecoder::new();
         d.push(&((MAX_FRAME_SIZE as u32) + 1).to_be_bytes());
         assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(d.missing(), Err(FrameError::TooLarge { .. })));
+        // A header still incomplete only asks for the rest of the header.
+        let mut d = FrameDecoder::new();
+        d.push(&[0xff, 0xff]);
+        assert_eq!(d.missing().unwrap(), 2);
+        d.push(&[0xff, 0xff, 1, 2, 3]);
+        match d.missing() {
+            Err(FrameError::TooLarge { len, max }) => {
+                assert_eq!((len, max), (u64::from(u32::MAX), MAX_FRAME_SIZE));
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
     }
 }

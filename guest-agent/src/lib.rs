@@ -67,11 +67,15 @@
 //!   character) frames with the session's `id`, without answers; `output`
 //!   frames carry the terminal's single stream (as `stdout`). Other requests
 //!   sent meanwhile get an `error`; session frames arriving after the end are
-//!   ignored. On timeout the session's process group gets SIGKILL and
-//!   `timed_out` is set. If the host disconnects, the session is hung up
-//!   (SIGHUP to its processes, SIGKILL to the leader's group after 1 s) and
-//!   reaped. Agents without `exec_tty` answer it with an unknown-variant
-//!   `error`, which the client reports as unsupported.
+//!   ignored. While too much (output or such errors) waits for the host, the
+//!   agent reads nothing more from it. On timeout every process of the
+//!   session (background jobs included) gets SIGKILL and `timed_out` is set.
+//!   If the host disconnects, the session is hung up (SIGHUP to its
+//!   processes, SIGKILL to the leader's group after 1 s) and reaped; the
+//!   client disconnects on `~.` typed at the start of a line and on SIGTERM,
+//!   SIGHUP or SIGQUIT. Agents without `exec_tty` answer it with an
+//!   unknown-variant `error` (and each session frame with another), which
+//!   the client reports as unsupported.
 
 pub mod client;
 pub mod conn;

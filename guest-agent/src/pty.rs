@@ -252,7 +252,8 @@ pub fn signal_group(pgid: libc::pid_t, sig: libc::c_int) {
     }
 }
 
-/// The processes of session `sid` (from `/proc`); used to hang up a
+/// The live processes of session `sid` (from `/proc`; zombies, which no
+/// signal reaches any more, are left out); used to hang up or kill a
 /// session's background jobs, which live in process groups of their own.
 pub fn session_members(sid: libc::pid_t) -> Vec<libc::pid_t> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -262,18 +263,21 @@ pub fn session_members(sid: libc::pid_t) -> Vec<libc::pid_t> {
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .ok()
-                .and_then(|stat| stat_session(&stat))
-                == Some(sid)
+                .and_then(|stat| stat_state_session(&stat))
+                .is_some_and(|(state, session)| session == sid && !matches!(state, 'Z' | 'X'))
         })
         .collect()
 }
 
-/// The session id in a `/proc/PID/stat` line: the fourth field after the
-/// command name, which is in parentheses and may itself contain any byte.
-fn stat_session(stat: &str) -> Option<libc::pid_t> {
+/// The state and session id in a `/proc/PID/stat` line: the first and
+/// fourth fields after the command name, which is in parentheses and may
+/// itself contain any byte.
+fn stat_state_session(stat: &str) -> Option<(char, libc::pid_t)> {
     let (_, rest) = stat.rsplit_once(')')?;
     // state ppid pgrp session
-    rest.split_whitespace().nth(3)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.nth(2)?.parse().ok()?))
 }
 
 /// Sends `sig` to one process; errors (process gone) are moot.
@@ -341,9 +345,13 @@ mod tests {
 
     #[test]
     fn stat_parsing_and_own_session() {
-        assert_eq!(stat_session("12 (a) b) c) S 1 12 34 0 -1"), Some(34));
-        assert_eq!(stat_session("12 (x) S 1"), None);
-        assert_eq!(stat_session("garbage"), None);
+        assert_eq!(
+            stat_state_session("12 (a) b) c) S 1 12 34 0 -1"),
+            Some(('S', 34))
+        );
+        assert_eq!(stat_state_session("13 (z) Z 1 13 13 0"), Some(('Z', 13)));
+        assert_eq!(stat_state_session("12 (x) S 1"), None);
+        assert_eq!(stat_state_session("garbage"), None);
         // SAFETY: getsid(0) only queries our own session id.
         let sid = unsafe { libc::getsid(0) };
         assert!(session_members(sid).contains(&(std::process::id() as libc::pid_t)));

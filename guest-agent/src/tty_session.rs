@@ -6,14 +6,18 @@
 //! much output waits for the host (the program then blocks on its terminal,
 //! which is ordinary flow control). Input frames are written to the master
 //! as the terminal accepts them, and the host stops being read while too much
-//! input waits, except to notice that it hung up.
+//! input waits or too much (output, or answers refusing other requests) waits
+//! to be sent to it, except to notice that it hung up; so neither queue grows
+//! without bound whatever the host sends.
 //!
 //! When the host goes away mid-session the terminal is hung up the way a
 //! modem line would be: the master is closed (the kernel sends SIGHUP to the
 //! session leader), every process of the session gets SIGHUP and SIGCONT
 //! (jobs that did not ask to survive it with `nohup` end), and after
 //! [`HANGUP_GRACE`] the leader's process group gets SIGKILL; then the child
-//! is reaped, so nothing is left waiting on a terminal nobody reads.
+//! is reaped, so nothing is left waiting on a terminal nobody reads. A
+//! timeout is harsher: every process of the session gets SIGKILL, background
+//! jobs (in process groups of their own) and `nohup` ones included.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -46,8 +50,16 @@ const CHUNK: usize = 16 * 1024;
 /// Input waiting for the terminal beyond which the host is not read.
 const INPUT_BACKLOG: usize = 64 * 1024;
 
-/// Output waiting for the host beyond which the pty is not read.
+/// Bytes waiting to be sent to the host beyond which neither the pty nor
+/// the host is read (answers to refused requests count too).
 const OUTPUT_BACKLOG: usize = 256 * 1024;
+
+/// Rounds of SIGKILL to a session's processes on timeout (a process may fork
+/// between one look at `/proc` and its SIGKILL).
+const KILL_ROUNDS: usize = 50;
+
+/// Pause between those rounds.
+const KILL_PAUSE: Duration = Duration::from_millis(5);
 
 /// Why a session ended without an `exit`.
 #[derive(Debug, thiserror::Error)]
@@ -133,27 +145,49 @@ pub fn serve(id: u64, req: &ExecTtyRequest, fd: BorrowedFd<'_>) -> Result<(), Fr
 /// Sends the last frame of the session, then reads the rest of any frame the
 /// host was in the middle of sending so the next request starts on a frame
 /// boundary. Frames still buffered were sent while the session ran and get
-/// the same treatment as during it.
+/// the same treatment as during it. A frame too large to accept ends the
+/// connection, after an `error` saying so (as between requests).
 fn finish(conn: &mut FramedSocket<'_>, id: u64, body: ResponseBody) -> Result<(), FrameError> {
     conn.queue(&Response { id: Some(id), body })?;
     conn.flush()?;
-    if conn.finish_partial_frame()? {
-        absorb_frames(conn, id, |_| {})?;
-        conn.flush()?;
+    let rest = absorb_frames(conn, id, usize::MAX, |_| {})
+        .and_then(|()| conn.finish_partial_frame())
+        .and_then(|open| match open {
+            true => absorb_frames(conn, id, usize::MAX, |_| {}),
+            false => Ok(()),
+        });
+    match rest {
+        Ok(()) => Ok(conn.flush()?),
+        Err(e @ FrameError::TooLarge { .. }) => {
+            // Best effort, without waiting: the connection is closed anyway.
+            let body = ResponseBody::Error {
+                message: e.to_string(),
+            };
+            if conn.queue(&Response { id: None, body }).is_ok() {
+                let _ = conn.send_ready();
+            }
+            Err(e)
+        }
+        Err(e) => Err(e),
     }
-    Ok(())
 }
 
-/// Takes the complete frames buffered on `conn`: session frames of request
-/// `id` go to `apply`; those of another id (late ones of an earlier session)
-/// are ignored; any other request is refused with an `error`, since the
-/// connection belongs to the session until its `exit` frame.
+/// Takes the complete frames buffered on `conn` while fewer than
+/// `max_queued` bytes wait to be sent (the rest stay buffered for later):
+/// session frames of request `id` go to `apply`; those of another id (late
+/// ones of an earlier session) are ignored; any other request is refused
+/// with an `error`, since the connection belongs to the session until its
+/// `exit` frame.
 fn absorb_frames(
     conn: &mut FramedSocket<'_>,
     id: u64,
+    max_queued: usize,
     mut apply: impl FnMut(Op),
 ) -> Result<(), FrameError> {
-    while let Some(body) = conn.next_frame()? {
+    while conn.queued() < max_queued {
+        let Some(body) = conn.next_frame()? else {
+            break;
+        };
         let (req_id, message) = match parse_request(&body) {
             Ok(req) if req.op.is_tty_session_frame() => {
                 if req.id == id {
@@ -247,7 +281,7 @@ impl Session<'_> {
             }
             if let (Some(d), None, false) = (deadline, exited_at, timed_out) {
                 if now >= d {
-                    pty::signal_group(self.pid, libc::SIGKILL);
+                    self.kill_session();
                     timed_out = true;
                 }
             }
@@ -264,7 +298,9 @@ impl Session<'_> {
 
     /// One poll and the I/O it allows.
     fn step(&mut self, wait: Duration) -> Result<(), SessionError> {
-        let read_host = self.input.len() < INPUT_BACKLOG;
+        // Refused requests queue answers: with the queue full, the host is
+        // not read until it takes what waits for it.
+        let read_host = self.input.len() < INPUT_BACKLOG && self.conn.queued() < OUTPUT_BACKLOG;
         let mut conn_events = if read_host {
             libc::POLLIN
         } else {
@@ -298,10 +334,11 @@ impl Session<'_> {
                 Ok(false) => return Err(SessionError::HostGone(None)),
                 Err(e) => return Err(SessionError::HostGone(Some(e))),
             }
-            self.take_frames()?;
         } else if !read_host && conn_ready & hangup != 0 {
             return Err(SessionError::HostGone(None));
         }
+        // Also frames left from an earlier receive while the queue was full.
+        self.take_frames()?;
         if master_ready & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
             self.read_output()?;
         }
@@ -316,10 +353,11 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Applies the session frames received so far.
+    /// Applies the session frames received so far, as far as the outgoing
+    /// queue has room for answers to other requests.
     fn take_frames(&mut self) -> Result<(), SessionError> {
         let mut ops = Vec::new();
-        absorb_frames(&mut self.conn, self.id, |op| ops.push(op))?;
+        absorb_frames(&mut self.conn, self.id, OUTPUT_BACKLOG, |op| ops.push(op))?;
         for op in ops {
             match op {
                 Op::TtyInput { data } => self.input.extend_from_slice(&data),
@@ -399,18 +437,43 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Sends `sig` to every process of the session, background jobs (in
+    /// process groups of their own) included, and to the leader's group.
+    /// The leader is unreaped, so the session and group ids it gives its
+    /// name to cannot belong to anybody else.
+    fn signal_session(&self, sig: libc::c_int) -> usize {
+        let members = pty::session_members(self.pid);
+        for &pid in &members {
+            pty::signal_process(pid, sig);
+        }
+        pty::signal_group(self.pid, sig);
+        members.len()
+    }
+
+    /// On timeout: SIGKILL to the whole session, again until no process of
+    /// it runs any more (one may fork between the look at `/proc` and its
+    /// SIGKILL), for at most [`KILL_ROUNDS`] rounds.
+    fn kill_session(&self) {
+        for _ in 0..KILL_ROUNDS {
+            if self.signal_session(libc::SIGKILL) == 0 {
+                return;
+            }
+            std::thread::sleep(KILL_PAUSE);
+        }
+        eprintln!(
+            "vmm-agent: processes of the timed-out session of {:?} (session {}) survived SIGKILL",
+            self.program, self.pid
+        );
+    }
+
     /// Hangs the terminal up and makes sure the program is gone and reaped.
     fn hang_up(&mut self) {
         // Closing the master hangs up the slave: SIGHUP to the session leader.
         self.master = None;
         // Every process of the session gets the hang-up, background jobs
         // (in groups of their own) included; `nohup` ones survive it.
-        for pid in pty::session_members(self.pid) {
-            pty::signal_process(pid, libc::SIGHUP);
-            pty::signal_process(pid, libc::SIGCONT);
-        }
-        pty::signal_group(self.pid, libc::SIGHUP);
-        pty::signal_group(self.pid, libc::SIGCONT);
+        self.signal_session(libc::SIGHUP);
+        self.signal_session(libc::SIGCONT);
         let until = Instant::now() + HANGUP_GRACE;
         while Instant::now() < until && !pty::has_exited(self.pid).unwrap_or(true) {
             std::thread::sleep(Duration::from_millis(10));

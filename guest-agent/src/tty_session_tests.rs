@@ -352,3 +352,146 @@ fn login_shell_by_default() {
     // argv[0] starting with '-' is what makes a shell a login shell.
     assert!(p.text().contains("zero=-"), "{}", p.text());
 }
+
+#[test]
+fn timeout_kills_the_whole_session() {
+    let mut p = Peer::new();
+    // Two background jobs in process groups of their own (`set -m`), one of
+    // them deaf to the hang-up: a timeout leaves neither running.
+    p.start_with(
+        1,
+        ExecTtyRequest {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "set -m; sleep 1000 & echo BG=$!; (trap '' HUP; exec sleep 1000) & \
+                 echo NOHUP=$!; echo READY; while :; do sleep 1; done"
+                    .into(),
+            ],
+            timeout_ms: Some(1500),
+            ..Default::default()
+        },
+    );
+    p.wait_for(1, "READY");
+    let text = p.text();
+    let find = |key: &str| -> libc::pid_t {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {text:?}"))
+    };
+    let jobs = [find("BG="), find("NOHUP=")];
+    assert!(jobs.iter().all(|&pid| alive(pid)));
+    let exit = p.wait_exit(1);
+    assert!(exit.timed_out, "{exit:?}");
+    assert_eq!(exit.signal, Some(libc::SIGKILL));
+    // Orphaned jobs are reaped by whoever inherited them; allow a moment.
+    let until = Instant::now() + Duration::from_secs(5);
+    while jobs.iter().any(|&pid| alive(pid)) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let survivors: Vec<_> = jobs.iter().filter(|&&pid| alive(pid)).collect();
+    for &&pid in &survivors {
+        crate::pty::signal_process(pid, libc::SIGKILL);
+    }
+    assert!(
+        survivors.is_empty(),
+        "jobs {survivors:?} survived the timeout"
+    );
+    p.ping(2);
+}
+
+#[test]
+fn refused_requests_cannot_grow_the_agent_queue_without_bound() {
+    use crate::frame::encode_frame;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    let mut p = Peer::new();
+    p.start(1, &["cat"]);
+    // Requests the session refuses, each answered with an error more than
+    // twice its size; the test reads no answer until the agent stops taking
+    // requests, which it must do once its queue is full.
+    const PINGS: u64 = 80_000;
+    let mut wire = Vec::new();
+    for id in 0..PINGS {
+        let body = serde_json::to_vec(&Request {
+            id: 1000 + id,
+            op: Op::Ping {
+                protocol_version: 1,
+            },
+        })
+        .unwrap();
+        wire.extend_from_slice(&encode_frame(&body).unwrap());
+    }
+    let mut sent = 0;
+    let mut last_progress = Instant::now();
+    while sent < wire.len() && last_progress.elapsed() < Duration::from_millis(500) {
+        match sys::send_nonblocking(p.sock.as_fd(), &wire[sent..]) {
+            Ok(n) => {
+                sent += n;
+                last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut fds = [sys::pollfd(Some(p.sock.as_fd()), libc::POLLOUT)];
+                sys::poll(&mut fds, Some(Duration::from_millis(50))).unwrap();
+            }
+            Err(e) => panic!("sending: {e}"),
+        }
+    }
+    assert!(
+        sent < wire.len() / 2,
+        "the agent took {sent} of {} bytes of requests without their answers being read",
+        wire.len()
+    );
+    // Reading the answers lets the agent go on: every request is answered.
+    let mut writer = p.sock.try_clone().unwrap();
+    let rest = wire.split_off(sent);
+    let writer = std::thread::spawn(move || writer.write_all(&rest).unwrap());
+    for want in 0..PINGS {
+        match p.recv() {
+            Response {
+                id: Some(got),
+                body: ResponseBody::Error { message },
+            } if got == 1000 + want => assert!(message.contains("refused"), "{message}"),
+            other => panic!("answer {want}: unexpected {other:?}"),
+        }
+    }
+    writer.join().unwrap();
+    p.send(1, Op::TtyEof);
+    assert_eq!(p.wait_exit(1).exit_code, Some(0));
+    p.ping(2);
+}
+
+#[test]
+fn oversize_frame_started_during_a_session_is_refused_after_it() {
+    use std::io::Write;
+
+    let mut p = Peer::new();
+    p.start(1, &["sh", "-c", "sleep 0.3"]);
+    // Half of a header announcing 4 GiB while the program runs; after the
+    // exit the agent reads on to the next frame boundary and must refuse
+    // the length instead of waiting for the body.
+    p.sock.write_all(&[0xff, 0xff]).unwrap();
+    assert_eq!(p.wait_exit(1).exit_code, Some(0));
+    p.sock.write_all(&[0xff, 0xff, b'x']).unwrap();
+    match p.recv() {
+        Response {
+            id: None,
+            body: ResponseBody::Error { message },
+        } => assert!(message.contains("exceeds the maximum"), "{message}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let server = p.server.take().unwrap();
+    match server.join().unwrap() {
+        Err(ServeError::Frame(FrameError::TooLarge { len, .. })) => {
+            assert_eq!(len, u64::from(u32::MAX))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Closed (reset, as the agent left a byte unread): nothing more comes.
+    assert!(!matches!(
+        recv_message::<_, Response>(&mut p.sock),
+        Ok(Some(_))
+    ));
+}

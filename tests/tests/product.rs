@@ -179,10 +179,30 @@ run NET_NOTAP vmm snapshot restore net-snap --into net2
 run NET_SAME vmm snapshot restore net-snap --into net2 --tap vmmtap1
 run NET_RESTORE vmm use net2 --snapshot net-snap --tap vmmtap2 -- cat /sys/class/net/eth0/address
 echo "NET2_STATUS=$(vmm status net2 -o json | grep '"tap"' | tr -d ' ,')"
-vmm rm -f net1; vmm rm -f net2; vmm snapshot rm net-snap >/dev/null
+vmm rm -f net2
+# Two restores at once asking for one TAP: one gets it, the other the clear error.
+vmm snapshot restore net-snap --into net3 --tap vmmtap3 >/tmp/r3 2>&1 & r3=$!
+vmm snapshot restore net-snap --into net4 --tap vmmtap3 >/tmp/r4 2>&1; e4=$?
+wait $r3; e3=$?
+echo "NET_RACE=$e3$e4"
+echo "NET_RACE_ERR=$(cat /tmp/r3 /tmp/r4 | oneline)"
+vmm rm -f net3 2>/dev/null; vmm rm -f net4 2>/dev/null
+vmm rm -f net1; vmm snapshot rm net-snap >/dev/null
 
 for s in dev left right; do vmm rm -f $s; done
 echo "LS_END=$(vmm ls | oneline)"
+# Lock files exist only for entries that exist (removals and expiry unlink theirs).
+orphans=""
+for f in /state/locks/*.lock; do
+  b=${f##*/}; n=${b%.lock}
+  case $b in
+    store.lock) ;;
+    sandbox-*) [ -e "/state/sandboxes/${n#sandbox-}" ] || orphans="$orphans $b" ;;
+    snapshot-*) [ -e "/state/snapshots/${n#snapshot-}" ] || orphans="$orphans $b" ;;
+    *) orphans="$orphans $b" ;;
+  esac
+done
+echo "ORPHAN_LOCKS=${orphans:-none}"
 echo "VMM_PROCS_LEFT=$(ps | grep -c '[v]mm run')"
 "##;
 
@@ -435,8 +455,26 @@ fn nested_sandbox_and_snapshot_scenarios() {
     expect_err(&run, "NET_SAME", 1, "TAP vmmtap1 is sandbox net1's");
     expect(&run, "NET_RESTORE", 0, Some("02:00:00:00:00:11|"));
     run.assert_marker("NET2_STATUS", "\"tap\":\"vmmtap2\"");
+    // One of two concurrent creations gets the TAP; the other is told whose
+    // it is (the check and the record are one step under the store lock).
+    let race = run.get("NET_RACE");
+    let race_err = run.get("NET_RACE_ERR");
+    let loser_msg = match race.as_str() {
+        "01" => "TAP vmmtap3 is sandbox net3's",
+        "10" => "TAP vmmtap3 is sandbox net4's",
+        _ => panic!(
+            "{}",
+            run.failure(&format!("TAP race: exits {race}: {race_err}"))
+        ),
+    };
+    assert!(
+        race_err.contains(loser_msg),
+        "{}",
+        run.failure(&format!("TAP race: {race_err}"))
+    );
 
     run.assert_marker("LS_END", "NAME  STATUS  CPU  MEMORY  CREATED|");
+    run.assert_marker("ORPHAN_LOCKS", "none");
     run.assert_marker("VMM_PROCS_LEFT", "0");
 
     for key in [
@@ -736,6 +774,37 @@ fn commands_without_a_vm() {
     let (code, out, err) = vmm(s, &["snapshot", "rm", "keep", "keep-diff"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "keep-diff\nkeep\n");
+
+    // A sandbox directory copied by hand holds another sandbox's metadata:
+    // refused (one line, exit 1), and removing the copy never removes the
+    // original.
+    let copy = s.join("sandboxes/cold-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(s.join("sandboxes/cold/meta.json"), copy.join("meta.json")).unwrap();
+    for args in [
+        &["rm", "cold-copy"][..],
+        &["rm", "-f", "cold-copy"],
+        &["status", "cold-copy"],
+    ] {
+        let (code, _, err) = vmm(s, args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.contains("it is the metadata of sandbox \"cold\", not \"cold-copy\""),
+            "{args:?}: {err}"
+        );
+    }
+    // A listing names it on stderr and shows the others.
+    let (code, out, err) = vmm(s, &["ls"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.starts_with("cold ")), "{out}");
+    assert!(!out.contains("cold-copy"), "{out}");
+    assert!(
+        err.contains("cold-copy") && err.contains("left out"),
+        "{err}"
+    );
+    assert!(s.join("sandboxes/cold/disk.ext4").is_file());
+    std::fs::remove_dir_all(&copy).unwrap();
     let (code, _, _) = vmm(s, &["rm", "cold"]);
     assert_eq!(code, 0);
 
@@ -786,8 +855,13 @@ fn commands_without_a_vm() {
         let (code, _, err) = vmm(s, args);
         assert_eq!(code, 0, "{args:?}: {err}");
     }
-    // Nothing is left, hidden directories included.
+    // Nothing is left, hidden directories and lock files included.
     assert_eq!(std::fs::read_dir(s.join("sandboxes")).unwrap().count(), 0);
+    let locks: Vec<String> = std::fs::read_dir(s.join("locks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(locks, ["store.lock"], "{locks:?}");
     let (_, out, _) = vmm(s, &["snapshot", "ls", "-o", "json"]);
     assert_eq!(out.trim(), "[]");
     let (_, out, _) = vmm(s, &["status"]);

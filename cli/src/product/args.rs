@@ -70,8 +70,12 @@ pub struct UseArgs {
     /// Kill the command after this long (exit code 124).
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub timeout: Option<Duration>,
-    /// The command and its arguments; without one, the guest's login shell
-    /// on a terminal when stdin is one (else `sh` reading stdin).
+    /// The command and its arguments. Without one: the guest's login shell
+    /// on a terminal when stdin is one (`~.` at the start of a line
+    /// disconnects, exit 255; `~~` types a `~`); `sh` reading stdin when it
+    /// is a pipe or a file (`echo ls | vmm use NAME`, `vmm use NAME < script`);
+    /// otherwise (`/dev/null`, a socket, ...) nothing runs: the sandbox is
+    /// just made sure to be up (exit 0).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }

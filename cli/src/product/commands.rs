@@ -35,11 +35,14 @@ pub fn ensure_sandbox(ctx: &Ctx, a: &UseArgs) -> Result<Sandbox> {
         // Everything a creation needs is found (and a snapshot pinned)
         // before the name is locked.
         let plan = plan_creation(ctx, a)?;
-        let held = ctx.store.lock_sandbox(&a.name)?;
+        let held = ctx.store.lock_new_sandbox(&a.name)?;
         if !Sandbox::exists(ctx, &a.name) {
+            // The TAP is checked free as the sandbox is recorded.
             return match plan {
-                Plan::Boot(spec) => Sandbox::create_boot(ctx, &a.name, &spec),
-                Plan::Snapshot(pin, net) => Sandbox::create_from_snapshot(ctx, &a.name, *pin, net),
+                Plan::Boot(spec) => Sandbox::create_boot(ctx, &a.name, &spec, &held),
+                Plan::Snapshot(pin, net) => {
+                    Sandbox::create_from_snapshot(ctx, &a.name, *pin, net, &held)
+                }
             };
         }
         lock = Some(held); // created meanwhile by another command
@@ -85,7 +88,6 @@ fn plan_creation(ctx: &Ctx, a: &UseArgs) -> Result<Plan> {
     if let Some(snap) = &a.snapshot {
         let pin = snap_remove::pin(ctx, snap)?;
         let net = net::for_snapshot(&pin.meta, a.tap.as_deref(), a.mac.as_deref())?;
-        net::check_free(ctx, net.as_ref())?;
         return Ok(Plan::Snapshot(Box::new(pin), net));
     }
     let cfg = &ctx.config;
@@ -103,7 +105,6 @@ fn plan_creation(ctx: &Ctx, a: &UseArgs) -> Result<Plan> {
         ),
     };
     let net = net::for_boot(a.tap.as_deref(), a.mac.as_deref());
-    net::check_free(ctx, net.as_ref())?;
     Ok(Plan::Boot(BootSpec {
         guest: Guest {
             kernel: kernel.path,
@@ -151,15 +152,29 @@ pub fn use_(ctx: &Ctx, a: UseArgs) -> Result<i32> {
 
 /// `vmm use NAME` without a command. With stdin a terminal: the guest user's
 /// login shell on a terminal in the guest (raw keys, Ctrl-C, window size,
-/// full-screen programs), like `ssh`. Otherwise `sh` reads our stdin through
-/// a pipe, so `echo ls | vmm use NAME` runs the script. Either way the session
-/// is one entry of the exec history.
+/// full-screen programs), like `ssh`, with its escapes (`~.` at the start of
+/// a line disconnects, exit 255; `~~` types a `~`; SIGTERM, SIGHUP and
+/// SIGQUIT restore the terminal and exit 128+N). With stdin a pipe or a
+/// regular file, input given on purpose, `sh` reads it, so
+/// `echo ls | vmm use NAME` and `vmm use NAME < script` run the script.
+/// Anything else (`/dev/null`, other devices, sockets: what service managers
+/// and `ssh` without `-t` hand over, possibly never ending) runs nothing: the
+/// sandbox is up, exit 0. A session is one entry of the exec history.
 fn shell(sb: &Sandbox, base: impl Fn(Vec<String>) -> Result<ExecRequest>) -> Result<i32> {
+    use guest_agent::client::{SessionEnd, DISCONNECT_EXIT_CODE};
+    use guest_agent::terminal::{is_pipe_or_file, ESCAPE_HELP};
+    use std::os::fd::AsFd;
+
     let t0 = Instant::now();
-    if !std::io::stdin().is_terminal() {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        if !is_pipe_or_file(stdin.as_fd()) {
+            return Ok(0);
+        }
         let argv = vec!["sh".to_string()];
         let mut req = base(argv.clone())?;
-        std::io::stdin()
+        stdin
+            .lock()
             .read_to_end(&mut req.stdin)
             .map_err(|e| Error::io("reading", Path::new("stdin"), e))?;
         let code = guest::exec_streamed(sb, &req)?;
@@ -175,26 +190,41 @@ fn shell(sb: &Sandbox, base: impl Fn(Vec<String>) -> Result<ExecRequest>) -> Res
     };
     let mut c = guest::connect(sb, Duration::from_secs(30))?;
     eprintln!(
-        "sandbox {}: terminal session; exit or Ctrl-D leaves",
+        "sandbox {}: terminal session; exit or Ctrl-D leaves, {ESCAPE_HELP}",
         sb.meta.name
     );
-    let exit = client::run_interactive(&mut c, req).map_err(|e| Error::Agent {
+    let end = client::run_interactive(&mut c, req).map_err(|e| Error::Agent {
         sandbox: sb.meta.name.clone(),
         message: e.to_string(),
     })?;
-    let code = guest::exit_code(&exit);
+    let code = match end {
+        SessionEnd::Exited(exit) => guest::exit_code(&exit),
+        SessionEnd::Disconnected => {
+            // Not eprintln!: a failed write to stderr must not panic here.
+            let _ = writeln!(
+                std::io::stderr(),
+                "\nsandbox {}: disconnected (~.)",
+                sb.meta.name
+            );
+            DISCONNECT_EXIT_CODE
+        }
+        SessionEnd::Signal(sig) => 128 + sig,
+    };
     sb.record_exec(&["(login shell, terminal)".to_string()], code, t0.elapsed());
     Ok(code)
 }
 
 /// Every sandbox, failed ones included.
+/// Every sandbox that can be read, for listings: one that cannot (damaged
+/// or hand-copied metadata) is named on stderr and left out, so it does not
+/// hide the others; `vmm status NAME` and `vmm rm NAME` say what is wrong.
 fn all_sandboxes(ctx: &Ctx) -> Result<Vec<Sandbox>> {
     let mut out = Vec::new();
     for name in ctx.store.names(Kind::Sandbox)? {
         match Sandbox::load(ctx, &name) {
             Ok(sb) => out.push(sb),
             Err(Error::NoSandbox(_)) => {}
-            Err(e) => return Err(e),
+            Err(e) => eprintln!("vmm: sandbox {name} left out: {e}"),
         }
     }
     Ok(out)
@@ -289,7 +319,7 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<i32> {
             };
             let sandboxes = all_sandboxes(ctx)?;
             let running = sandboxes.iter().filter(|s| s.vmm_alive()).count();
-            let snaps = snapshot::list(ctx)?;
+            let snaps = snapshot::list_readable(ctx)?;
             json!({
                 "state_dir": ctx.store.root(),
                 "default_kernel": guess("kernel", "VMM_KERNEL", cfg.kernel.as_deref(), ("kernel-", "vmlinux")),
@@ -359,7 +389,7 @@ pub fn stop(ctx: &Ctx, a: &StopArgs) -> Result<i32> {
 /// interrupted (its VMM may still run: -f).
 pub fn rm(ctx: &Ctx, a: &RmArgs) -> Result<i32> {
     Sandbox::load(ctx, &a.name)?;
-    let _lock = ctx.store.lock_sandbox(&a.name)?;
+    let lock = ctx.store.lock_sandbox(&a.name)?;
     let mut sb = Sandbox::load(ctx, &a.name)?;
     if sb.vmm_alive() {
         if !a.force {
@@ -371,7 +401,7 @@ pub fn rm(ctx: &Ctx, a: &RmArgs) -> Result<i32> {
         }
         sb.stop(ctx, true)?;
     }
-    sb.remove_files(ctx)?;
+    Sandbox::remove(ctx, &a.name, &lock)?;
     Ok(0)
 }
 

@@ -107,7 +107,9 @@ pub fn for_snapshot(
 }
 
 /// Refuses a TAP that another sandbox has: two VMMs cannot share one, and a
-/// stopped sandbox would fail to start again.
+/// stopped sandbox would fail to start again. Run it under the store lock
+/// with the recording of the new sandbox (as `Sandbox::create` does), or two
+/// creations could both pass it.
 pub fn check_free(ctx: &Ctx, net: Option<&NetMeta>) -> Result<()> {
     let Some(net) = net else {
         return Ok(());

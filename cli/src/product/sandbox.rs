@@ -24,7 +24,7 @@ use super::process::{self, arg};
 use super::schedule::{SANDBOX_FLAG, STATE_FLAG};
 use super::snap_remove::Pinned;
 use super::snapshot::{self, SnapKind};
-use super::store::{read_json, write_json_atomic, Kind, META_FILE};
+use super::store::{check_entry_name, read_json, write_json_atomic, Kind, Lock, META_FILE};
 use super::Ctx;
 
 mod create;
@@ -180,12 +180,15 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Loads a sandbox (checking the name first); `Error::NoSandbox` when
-    /// it does not exist.
+    /// it does not exist, an error when its metadata is another sandbox's.
     pub fn load(ctx: &Ctx, name: &str) -> Result<Self> {
         names::validate("sandbox", name)?;
         let paths = Paths::new(ctx.store.sandbox_dir(name));
         match read_json::<SandboxMeta>(&paths.meta)? {
-            Some(meta) => Ok(Sandbox { meta, paths }),
+            Some(meta) => {
+                check_entry_name(Kind::Sandbox, name, &meta.name, &paths.meta)?;
+                Ok(Sandbox { meta, paths })
+            }
             None if paths.dir.is_dir() => Ok(Sandbox {
                 meta: SandboxMeta::broken(name, &paths.dir),
                 paths,
@@ -485,9 +488,16 @@ impl Sandbox {
         }
     }
 
-    /// Removes the sandbox and its files (the VMM must be gone).
-    pub fn remove_files(&self, ctx: &Ctx) -> Result<()> {
-        ctx.store.remove_entry(Kind::Sandbox, &self.meta.name)
+    /// Removes sandbox `name` (as asked, not as read from its metadata) and
+    /// its files; `lock` is its lock and its VMM must be gone. The files are
+    /// deleted after the store lock is released: other commands need not
+    /// wait for a large disk to go.
+    pub fn remove(ctx: &Ctx, name: &str, lock: &Lock) -> Result<()> {
+        let trash = {
+            let store = ctx.store.lock_store()?;
+            ctx.store.take_entry(Kind::Sandbox, name, &store, lock)?
+        };
+        trash.delete()
     }
 
     /// Appends one exec record to the history log.

@@ -551,7 +551,9 @@ mod tests {
             ctx.store.create_entry(Kind::Snapshot, "s2", &m).unwrap();
             let pin = snap_remove::pin(&ctx, "s2").unwrap();
             drop(pin);
-            ctx.store.remove_entry(Kind::Snapshot, "s2").unwrap();
+            // Removal unlinks the snapshot's lock file too.
+            super::super::store::tests::remove(&ctx.store, Kind::Snapshot, "s2").unwrap();
+            assert!(!root.join("locks/snapshot-s2.lock").exists());
             assert!(snap_remove::reap(&ctx).unwrap().is_empty());
             let _ = clock::LocalTime::local(clock::now());
             say("filtered scheduler thread");

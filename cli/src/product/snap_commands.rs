@@ -18,7 +18,7 @@ pub fn run(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
     match cmd {
         SnapshotCommand::Save(a) => save(ctx, &a),
         SnapshotCommand::Ls(a) => {
-            let all = snapshot::list(ctx)?;
+            let all = snapshot::list_readable(ctx)?;
             match a.output {
                 Format::Json => {
                     let v: Vec<Value> = all.iter().map(snapshot_json).collect();
@@ -46,12 +46,12 @@ pub fn run(ctx: &Ctx, cmd: SnapshotCommand) -> Result<i32> {
             // until the new sandbox has what it needs of it.
             let pin = snap_remove::pin(ctx, &a.name)?;
             let tap = net::for_snapshot(&pin.meta, a.tap.as_deref(), a.mac.as_deref())?;
-            net::check_free(ctx, tap.as_ref())?;
-            let _lock = ctx.store.lock_sandbox(&a.into)?;
+            let lock = ctx.store.lock_new_sandbox(&a.into)?;
             if Sandbox::exists(ctx, &a.into) {
                 return Err(taken());
             }
-            Sandbox::create_from_snapshot(ctx, &a.into, pin, tap)?;
+            // The TAP is checked free as the sandbox is recorded.
+            Sandbox::create_from_snapshot(ctx, &a.into, pin, tap, &lock)?;
             Ok(0)
         }
         SnapshotCommand::Gc(_) => {

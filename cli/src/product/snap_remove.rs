@@ -6,7 +6,9 @@
 //! snapshots were found ready. `snapshot rm` and the expiry reaper take the
 //! store lock and then each snapshot's lock exclusively without waiting:
 //! `rm` refuses a pinned snapshot, the reaper leaves it for a later pass. So
-//! a snapshot never disappears in the middle of a copy or merge.
+//! a snapshot never disappears in the middle of a copy or merge. Removing a
+//! snapshot unlinks its lock file too (still under both locks), so scheduled
+//! snapshots that expire leave nothing behind in `locks/`.
 
 use std::collections::HashSet;
 
@@ -30,7 +32,7 @@ pub struct Pinned {
 /// Finds ready snapshot `name` and pins it with its chain.
 pub fn pin(ctx: &Ctx, name: &str) -> Result<Pinned> {
     names::validate("snapshot", name)?;
-    let _store = ctx.store.lock_store()?;
+    let store = ctx.store.lock_store()?;
     let meta = SnapshotMeta::load(ctx, name)?;
     meta.require_ready()?;
     let chain = match meta.kind {
@@ -39,7 +41,7 @@ pub fn pin(ctx: &Ctx, name: &str) -> Result<Pinned> {
     };
     let locks = chain
         .iter()
-        .map(|s| ctx.store.lock_snapshot_shared(&s.name))
+        .map(|s| ctx.store.lock_snapshot_shared(&store, &s.name))
         .collect::<Result<Vec<_>>>()?;
     Ok(Pinned {
         meta,
@@ -108,7 +110,7 @@ pub fn remove(
     for n in names_ {
         names::validate("snapshot", n)?;
     }
-    let _lock = ctx.store.lock_store()?;
+    let store = ctx.store.lock_store()?;
     let all = list(ctx)?;
     let order = removal_order(&all, names_, force)?;
     for meta in all.iter().filter(|s| order.contains(&s.name)) {
@@ -121,7 +123,7 @@ pub fn remove(
     }
     let mut locks = Vec::new();
     for n in &order {
-        match ctx.store.try_lock_snapshot(n)? {
+        match ctx.store.try_lock_snapshot(&store, n)? {
             Some(l) => locks.push(l),
             None => {
                 return Err(Error::Invalid(format!(
@@ -131,8 +133,8 @@ pub fn remove(
             }
         }
     }
-    for n in &order {
-        ctx.store.remove_entry(Kind::Snapshot, n)?;
+    for (n, lock) in order.iter().zip(&locks) {
+        ctx.store.remove_entry(Kind::Snapshot, n, &store, lock)?;
         removed(n);
     }
     Ok(())
@@ -143,8 +145,8 @@ pub fn remove(
 /// expired snapshots no diff depends on and nobody pins. Returns what it
 /// removed.
 pub fn reap(ctx: &Ctx) -> Result<Vec<String>> {
-    let _lock = ctx.store.lock_store()?;
-    ctx.store.sweep();
+    let store = ctx.store.lock_store()?;
+    ctx.store.sweep(&store);
     let now = clock::now();
     let mut removed = Vec::new();
     loop {
@@ -164,10 +166,11 @@ pub fn reap(ctx: &Ctx) -> Result<Vec<String>> {
                 continue;
             }
             // A pinned snapshot stays until a later pass.
-            let Some(_pinned) = ctx.store.try_lock_snapshot(&s.name)? else {
+            let Some(lock) = ctx.store.try_lock_snapshot(&store, &s.name)? else {
                 continue;
             };
-            ctx.store.remove_entry(Kind::Snapshot, &s.name)?;
+            ctx.store
+                .remove_entry(Kind::Snapshot, &s.name, &store, &lock)?;
             removed.push(s.name.clone());
             changed = true;
         }
@@ -310,5 +313,36 @@ mod tests {
         // No lock file for a snapshot that does not exist.
         assert!(!t.0.join("locks/snapshot-zz.lock").exists());
         assert!(pin(&ctx, "a").is_ok());
+    }
+
+    /// A snapshot directory copied by hand (`a` to `b`, with `a`'s
+    /// metadata) is refused, never acted on as `a`: removal and the reaper
+    /// go by directory names.
+    #[test]
+    fn a_snapshot_directory_copied_by_hand_is_refused() {
+        let t = TempDir::new("snap-copied");
+        let mut a = meta("a", None);
+        a.expires = Some(1);
+        let ctx = ctx_with(&t, &[a]);
+        let (da, db) = (ctx.store.snapshot_dir("a"), ctx.store.snapshot_dir("b"));
+        std::fs::create_dir(&db).unwrap();
+        std::fs::copy(da.join("meta.json"), db.join("meta.json")).unwrap();
+        let refused = |e: Error| {
+            assert_eq!(e.exit_code(), 1);
+            assert!(
+                e.to_string()
+                    .contains("it is the metadata of snapshot \"a\", not \"b\""),
+                "{e}"
+            );
+        };
+        refused(SnapshotMeta::load(&ctx, "b").unwrap_err());
+        refused(pin(&ctx, "b").unwrap_err());
+        refused(remove(&ctx, &names(&["b"]), true, |_| {}).unwrap_err());
+        refused(reap(&ctx).unwrap_err());
+        assert!(da.join("disk").is_file() && db.is_dir());
+        // Once the copy is gone, the expired original is reaped as usual.
+        std::fs::remove_dir_all(&db).unwrap();
+        assert_eq!(reap(&ctx).unwrap(), ["a"]);
+        assert_eq!(std::fs::read_dir(t.0.join("locks")).unwrap().count(), 1);
     }
 }

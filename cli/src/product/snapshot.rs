@@ -43,7 +43,7 @@ use super::net::NetMeta;
 use super::process;
 use super::sandbox::{Paths, Sandbox, Status};
 use super::snap_remove::{self, Pinned};
-use super::store::{read_json, write_json_atomic, Kind, META_FILE};
+use super::store::{check_entry_name, read_json, write_json_atomic, Kind, META_FILE};
 use super::Ctx;
 
 /// How long the agent keeps filesystems frozen if nobody thaws them.
@@ -156,12 +156,17 @@ pub struct SaveOptions {
 
 impl SnapshotMeta {
     /// Loads a snapshot's metadata (checking the name first); a directory
-    /// without any (left by an older version) loads as a failed snapshot.
+    /// without any (left by an older version) loads as a failed snapshot;
+    /// metadata of another snapshot (a directory copied by hand) is refused.
     pub fn load(ctx: &Ctx, name: &str) -> Result<Self> {
         names::validate("snapshot", name)?;
         let dir = ctx.store.snapshot_dir(name);
-        match read_json(&dir.join(META_FILE))? {
-            Some(meta) => Ok(meta),
+        let path = dir.join(META_FILE);
+        match read_json::<Self>(&path)? {
+            Some(meta) => {
+                check_entry_name(Kind::Snapshot, name, &meta.name, &path)?;
+                Ok(meta)
+            }
             None if dir.is_dir() => Ok(Self::broken(name)),
             None => Err(Error::NoSnapshot(name.to_string())),
         }
@@ -222,12 +227,26 @@ impl SnapshotMeta {
 
 /// Every snapshot, sorted by creation time then name.
 pub fn list(ctx: &Ctx) -> Result<Vec<SnapshotMeta>> {
+    collect(ctx, Err)
+}
+
+/// [`list`] for listings: a snapshot whose metadata cannot be read is named
+/// on stderr and left out instead of hiding every other one.
+pub fn list_readable(ctx: &Ctx) -> Result<Vec<SnapshotMeta>> {
+    collect(ctx, |e| {
+        eprintln!("vmm: snapshot left out: {e}");
+        Ok(())
+    })
+}
+
+/// Every snapshot; `broken` decides about one that cannot be read.
+fn collect(ctx: &Ctx, broken: impl Fn(Error) -> Result<()>) -> Result<Vec<SnapshotMeta>> {
     let mut out = Vec::new();
     for name in ctx.store.names(Kind::Snapshot)? {
         match SnapshotMeta::load(ctx, &name) {
             Ok(m) => out.push(m),
             Err(Error::NoSnapshot(_)) => {} // removed meanwhile
-            Err(e) => return Err(e),
+            Err(e) => broken(e)?,
         }
     }
     out.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));

@@ -3,7 +3,8 @@
 //! creation is listed, shown as failed once its process is gone, and
 //! removed by `rm -f`; then its disk is copied and its VMM booted or
 //! restored. Only a ready sandbox is used; a failed one has its logs and
-//! `rm`.
+//! `rm`. Its TAP is checked free and it is recorded under the store lock,
+//! so two creations cannot both take one TAP.
 //!
 //! [`Store::create_entry`]: super::super::store::Store::create_entry
 
@@ -12,10 +13,10 @@ use std::path::{Path, PathBuf};
 use super::super::clock;
 use super::super::disk;
 use super::super::error::{Error, Result};
-use super::super::net::NetMeta;
+use super::super::net::{self, NetMeta};
 use super::super::snap_remove::Pinned;
 use super::super::snapshot::{self, SnapKind};
-use super::super::store::Kind;
+use super::super::store::{Kind, Lock};
 use super::super::Ctx;
 use super::{Lifecycle, Origin, Paths, Sandbox, SandboxMeta, Status};
 
@@ -123,14 +124,14 @@ impl Sandbox {
         )))
     }
 
-    /// A new sandbox booted from a copy of `spec.rootfs`. The caller holds
-    /// the sandbox's lock.
-    pub fn create_boot(ctx: &Ctx, name: &str, spec: &BootSpec) -> Result<Self> {
+    /// A new sandbox booted from a copy of `spec.rootfs`; `lock` is the
+    /// sandbox's ([`super::super::store::Store::lock_new_sandbox`]).
+    pub fn create_boot(ctx: &Ctx, name: &str, spec: &BootSpec, lock: &Lock) -> Result<Self> {
         let origin = Origin::Boot {
             rootfs: spec.rootfs.clone(),
         };
         let meta = SandboxMeta::creating(name, spec.guest.clone(), origin, spec.net.clone());
-        Self::create(ctx, meta, |sb| {
+        Self::create(ctx, meta, lock, |sb| {
             ctx.progress
                 .step(&format!("copying {}", spec.rootfs.display()));
             disk::copy_file(&spec.rootfs, &sb.paths.disk)?;
@@ -140,13 +141,13 @@ impl Sandbox {
 
     /// A new sandbox from a pinned ready snapshot: its disk, and (unless the
     /// snapshot is disk-only) its memory and devices, so processes continue.
-    /// The caller holds the sandbox's lock; `net` is from
-    /// [`super::net::for_snapshot`].
+    /// `lock` is the sandbox's; `net` is from [`super::net::for_snapshot`].
     pub fn create_from_snapshot(
         ctx: &Ctx,
         name: &str,
         pin: Pinned,
         net: Option<NetMeta>,
+        lock: &Lock,
     ) -> Result<Self> {
         let snap = pin.meta.clone();
         let guest = Guest {
@@ -160,7 +161,7 @@ impl Sandbox {
             snapshot: snap.name.clone(),
         };
         let meta = SandboxMeta::creating(name, guest, origin, net);
-        Self::create(ctx, meta, move |sb| {
+        Self::create(ctx, meta, lock, move |sb| {
             let snap_dir = ctx.store.snapshot_dir(&snap.name);
             ctx.progress
                 .step(&format!("copying the disk of snapshot {}", snap.name));
@@ -176,15 +177,28 @@ impl Sandbox {
         .map_err(|e| snapshot::vanished(ctx, e))
     }
 
-    /// Records the new sandbox `meta` (creating) and runs `build` on it.
-    /// Then it is ready; or, when its guest agent never answered, kept as
-    /// failed (VMM stopped) for its logs; or else removed.
+    /// Records the new sandbox `meta` (creating) and runs `build` on it;
+    /// `lock` is the sandbox's. Then it is ready; or, when its guest agent
+    /// never answered, kept as failed (VMM stopped, disk and memory files
+    /// deleted) for its logs; or else removed.
     fn create(
         ctx: &Ctx,
         meta: SandboxMeta,
+        lock: &Lock,
         build: impl FnOnce(&mut Sandbox) -> Result<()>,
     ) -> Result<Self> {
-        let dir = ctx.store.create_entry(Kind::Sandbox, &meta.name, &meta)?;
+        let dir = {
+            // The TAP check and the record under one store lock: another
+            // creation checks only once this one is recorded, and sees it.
+            let store = ctx.store.lock_store()?;
+            let recorded = net::check_free(ctx, meta.net.as_ref())
+                .and_then(|()| ctx.store.create_entry(Kind::Sandbox, &meta.name, &meta));
+            if recorded.is_err() {
+                ctx.store
+                    .discard_lock(Kind::Sandbox, &meta.name, &store, lock);
+            }
+            recorded?
+        };
         let mut sb = Sandbox {
             meta,
             paths: Paths::new(dir),
@@ -205,11 +219,28 @@ impl Sandbox {
                 if let Err(se) = sb.save() {
                     log::warn!("recording that sandbox {} failed: {se}", sb.meta.name);
                 }
-            } else if let Err(re) = ctx.store.remove_entry(Kind::Sandbox, &sb.meta.name) {
+                sb.remove_large_files();
+            } else if let Err(re) = Sandbox::remove(ctx, &sb.meta.name, lock) {
                 log::warn!("removing what the failed creation left: {re}");
             }
         }
         built.map(|()| sb)
+    }
+
+    /// Deletes what a failed sandbox no longer needs and that can be as big
+    /// as the guest: its disk copy and, restored from a diff, the merged
+    /// memory and state. Its metadata and logs (`vmm logs`, `vmm status`)
+    /// stay.
+    fn remove_large_files(&self) {
+        let p = &self.paths;
+        let ws = p.memory.with_file_name("memory.ws");
+        for f in [&p.disk, &p.memory, &p.vmstate, &ws] {
+            match std::fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("removing {}: {e}", f.display()),
+            }
+        }
     }
 }
 
@@ -236,12 +267,28 @@ mod tests {
         SandboxMeta::creating(name, guest(), origin, None)
     }
 
+    /// [`Sandbox::create`] under the new sandbox's lock, as the commands do.
+    fn create(
+        ctx: &Ctx,
+        meta: SandboxMeta,
+        build: impl FnOnce(&mut Sandbox) -> Result<()>,
+    ) -> Result<Sandbox> {
+        let lock = ctx.store.lock_new_sandbox(&meta.name)?;
+        Sandbox::create(ctx, meta, &lock, build)
+    }
+
+    /// Removes a sandbox as `vmm rm` does.
+    fn rm(ctx: &Ctx, name: &str) -> Result<()> {
+        let lock = ctx.store.lock_sandbox(name)?;
+        Sandbox::remove(ctx, name, &lock)
+    }
+
     #[test]
     fn creation_is_recorded_first_and_failures_keep_only_what_helps() {
         let t = TempDir::new("create");
         let ctx = Ctx::at(&t.0).unwrap();
         // While it is built, the sandbox is there and creating.
-        let sb = Sandbox::create(&ctx, new_meta("ok"), |sb| {
+        let sb = create(&ctx, new_meta("ok"), |sb| {
             let seen = Sandbox::load(&ctx, "ok")?;
             assert_eq!(seen.status(), Status::Creating);
             assert_eq!(seen.meta.creator_pid, Some(std::process::id()));
@@ -257,11 +304,11 @@ mod tests {
             (Lifecycle::Ready, None)
         );
         assert_eq!(again.status(), Status::Stopped);
-        let e = Sandbox::create(&ctx, new_meta("ok"), |_| Ok(())).unwrap_err();
+        let e = create(&ctx, new_meta("ok"), |_| Ok(())).unwrap_err();
         assert_eq!(e.to_string(), "sandbox ok already exists");
 
         // An ordinary failure removes the new sandbox.
-        let e = Sandbox::create(&ctx, new_meta("gone"), |_| {
+        let e = create(&ctx, new_meta("gone"), |_| {
             Err(Error::Failed("no disk".into()))
         })
         .unwrap_err();
@@ -270,12 +317,24 @@ mod tests {
 
         // A guest agent that never answered: kept as failed, with its
         // console, and the message says so.
-        let e = Sandbox::create(&ctx, new_meta("slow"), |sb| {
+        let e = create(&ctx, new_meta("slow"), |sb| {
             std::fs::write(
                 &sb.paths.serial,
                 "Booting\r\nKernel panic - not syncing\r\n\r\n",
             )
             .map_err(|e| Error::io("w", Path::new("x"), e))?;
+            // What a restore from a diff leaves: a disk copy, and the merged
+            // state and memory (all of the guest's RAM).
+            let p = &sb.paths;
+            for (f, text) in [
+                (&p.vmm_log, "vmm[main] info: started\n"),
+                (&p.disk, "disk"),
+                (&p.vmstate, "state"),
+                (&p.memory, "memory"),
+                (&p.history, "2026 exit=0 true\n"),
+            ] {
+                std::fs::write(f, text).map_err(|e| Error::io("w", f, e))?;
+            }
             // "Its VMM": this process, alive (and never killed: the
             // arguments do not match).
             sb.meta.pid = Some(std::process::id());
@@ -294,7 +353,16 @@ mod tests {
         let slow = Sandbox::load(&ctx, "slow").unwrap();
         assert_eq!(slow.status(), Status::Failed);
         assert_eq!(slow.meta.pid, None);
-        assert!(slow.paths.serial.is_file(), "the console log is kept");
+        // Kept for its logs only: what `logs` and `status` read stays, the
+        // files as big as the guest go.
+        let p = &slow.paths;
+        for kept in [&p.meta, &p.serial, &p.vmm_log, &p.history] {
+            assert!(kept.is_file(), "{} is kept", kept.display());
+        }
+        for gone in [&p.disk, &p.vmstate, &p.memory] {
+            assert!(!gone.exists(), "{} is deleted", gone.display());
+        }
+        assert!(slow.disk_usage() > 0);
         let why = slow.failure().unwrap();
         assert!(
             why.starts_with("the guest agent did not answer within 0s"),
@@ -306,7 +374,7 @@ mod tests {
                 && e.ends_with("`vmm logs slow` shows its console, `vmm rm slow` removes it"),
             "{e}"
         );
-        slow.remove_files(&ctx).unwrap();
+        rm(&ctx, "slow").unwrap();
         assert!(!Sandbox::exists(&ctx, "slow"));
 
         // An existing sandbox whose agent does not answer is left running.
@@ -347,7 +415,7 @@ mod tests {
         assert_eq!(sb.status(), Status::Failed);
         assert!(sb.failure().unwrap().contains("no metadata"));
         assert!(sb.meta.created > 0);
-        sb.remove_files(&ctx).unwrap();
+        rm(&ctx, "legacy").unwrap();
         assert!(matches!(
             Sandbox::load(&ctx, "legacy"),
             Err(Error::NoSandbox(_))
@@ -360,5 +428,105 @@ mod tests {
             e.to_string().starts_with("sandbox name \"../snapshots/x\""),
             "{e}"
         );
+    }
+
+    /// Two creations cannot both take one TAP: the check and the record are
+    /// one step under the store lock, so all but one get the clear error.
+    #[test]
+    fn one_tap_goes_to_one_sandbox_even_when_created_at_once() {
+        use std::sync::{Arc, Barrier};
+        let t = TempDir::new("create-tap");
+        let ctx = Ctx::at(&t.0).unwrap();
+        let start = Arc::new(Barrier::new(4));
+        let racers: Vec<_> = (0..4)
+            .map(|i| {
+                let (root, start) = (t.0.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let ctx = Ctx::at(&root)?;
+                    let mut meta = new_meta(&format!("n{i}"));
+                    meta.net = Some(NetMeta {
+                        tap: "tap0".into(),
+                        mac: None,
+                    });
+                    start.wait();
+                    create(&ctx, meta, |_| {
+                        std::thread::sleep(Duration::from_millis(20));
+                        Ok(())
+                    })
+                    .map(|sb| sb.meta.name)
+                })
+            })
+            .collect();
+        let results: Vec<Result<String>> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+        let won: Vec<&String> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "{results:?}");
+        let winner = won[0].clone();
+        for r in &results {
+            if let Err(e) = r {
+                assert_eq!(
+                    e.to_string(),
+                    format!("TAP tap0 is sandbox {winner}'s; give another one with --tap")
+                );
+            }
+        }
+        // The losers left neither a sandbox nor a lock file.
+        assert_eq!(ctx.store.names(Kind::Sandbox).unwrap(), [winner.as_str()]);
+        let mut locks: Vec<String> = std::fs::read_dir(t.0.join("locks"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        locks.sort();
+        assert_eq!(
+            locks,
+            [format!("sandbox-{winner}.lock"), "store.lock".into()]
+        );
+    }
+
+    /// A sandbox directory copied by hand (`a` to `b`) holds `a`'s
+    /// metadata: it is refused, so `vmm rm b` cannot remove `a` (holding
+    /// only `b`'s lock); removal goes by the name asked for.
+    #[test]
+    fn a_directory_copied_by_hand_is_not_taken_for_its_original() {
+        use super::super::super::args::RmArgs;
+        use super::super::super::commands;
+        let t = TempDir::new("create-copied");
+        let ctx = Ctx::at(&t.0).unwrap();
+        create(&ctx, new_meta("a"), |sb| {
+            std::fs::write(&sb.paths.disk, "a's disk")
+                .map_err(|e| Error::io("w", &sb.paths.disk, e))
+        })
+        .unwrap();
+        let (a, b) = (ctx.store.sandbox_dir("a"), ctx.store.sandbox_dir("b"));
+        std::fs::create_dir(&b).unwrap();
+        for f in ["meta.json", "disk.ext4"] {
+            std::fs::copy(a.join(f), b.join(f)).unwrap();
+        }
+        let e = Sandbox::load(&ctx, "b").unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert!(
+            e.to_string().contains(
+                "it is the metadata of sandbox \"a\", not \"b\": its directory was copied"
+            ),
+            "{e}"
+        );
+        for force in [false, true] {
+            let args = RmArgs {
+                name: "b".into(),
+                force,
+            };
+            let e = commands::rm(&ctx, &args).unwrap_err();
+            assert!(e.to_string().contains("not \"b\""), "{e}");
+        }
+        assert!(Sandbox::load(&ctx, "a").is_ok() && b.is_dir());
+        // Removing `b` itself (as a remover by name does) leaves `a` alone.
+        rm(&ctx, "b").unwrap();
+        assert!(!b.exists());
+        assert_eq!(std::fs::read(a.join("disk.ext4")).unwrap(), b"a's disk");
+        let args = RmArgs {
+            name: "a".into(),
+            force: false,
+        };
+        assert_eq!(commands::rm(&ctx, &args).unwrap(), 0);
+        assert!(ctx.store.names(Kind::Sandbox).unwrap().is_empty());
     }
 }

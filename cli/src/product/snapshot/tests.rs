@@ -1,6 +1,6 @@
 //! Tests of snapshot metadata, diff parents, chains and saving.
 
-use super::super::store::tests::TempDir;
+use super::super::store::tests::{remove, TempDir};
 use super::*;
 use std::path::Path;
 
@@ -98,7 +98,7 @@ fn disk_chains_follow_parents_and_rebuild_exactly() {
     );
 
     // A missing parent breaks the chain with a clear error.
-    ctx.store.remove_entry(Kind::Snapshot, "b").unwrap();
+    remove(&ctx.store, Kind::Snapshot, "b").unwrap();
     let e = ancestry(&ctx, &metas[2]).unwrap_err().to_string();
     assert!(e.contains("builds on b, which no longer exists"), "{e}");
 }
@@ -199,7 +199,7 @@ fn diffs_build_only_on_the_very_snapshot_of_the_baseline() {
     other.save(&ctx).unwrap();
     let sb = sandbox(&ctx, Some(("base", Some("id-base"))), None);
     refused(&sb, "the name reused");
-    ctx.store.remove_entry(Kind::Snapshot, "base").unwrap();
+    remove(&ctx.store, Kind::Snapshot, "base").unwrap();
     refused(&sb, "is gone or not ready");
 }
 
